@@ -71,7 +71,10 @@ def load_npz(source: str | os.PathLike[str] | bytes | IO[bytes]) -> dict[str, np
     if isinstance(source, bytes):
         source = io.BytesIO(source)
     try:
-        with np.load(source, allow_pickle=False) as npz:
+        loaded = np.load(source, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a single .npy array, not an archive
+            raise ValueError("not a .npz archive: it holds one unnamed array (.npy)")
+        with loaded as npz:
             if len(npz.files) > MAX_ARRAYS:
                 raise ValueError(f"the archive holds {len(npz.files)} arrays; at most {MAX_ARRAYS}")
             return {name: npz[name] for name in npz.files}

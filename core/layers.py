@@ -223,7 +223,8 @@ class Flatten(Layer):
 
     def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
         self._x_shape = x.shape
-        return x.reshape(x.shape[0], -1)
+        # The feature count is given explicitly: reshape cannot infer -1 for an empty batch.
+        return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
     def backward(self, dout: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
         return dout.reshape(self._x_shape) if need_dx else None

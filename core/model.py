@@ -71,7 +71,7 @@ class Sequential:
     def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
         """x (N, C, H, W) -> output (N, *output_shape). ``train`` enables dropout and batch
         statistics; it also keeps what backward needs."""
-        self.check_input(x)
+        x = self.check_input(x)
         for layer in self.layers:
             x = layer.forward(x, train)
         return x
@@ -93,7 +93,7 @@ class Sequential:
     def activations(self, x: np.ndarray) -> list[np.ndarray]:
         """Every layer's output for x (N, C, H, W) in evaluation mode. Fusion is off here, so
         a conv layer's own output is seen before the ReLU that follows it."""
-        self.check_input(x)
+        x = self.check_input(x)
         outs = []
         self._fuse(False)
         try:
@@ -104,7 +104,10 @@ class Sequential:
             self._fuse(True)
         return outs
 
-    def check_input(self, x: np.ndarray) -> None:
+    def check_input(self, x: np.ndarray) -> np.ndarray:
+        """x checked against the model's input shape and dtype; a read-only array (a view of a
+        request's bytes, a memmap) is copied, so the kernels see one array type and are not
+        compiled again for read-only arrays."""
         if x.ndim != 4 or tuple(x.shape[1:]) != self.input_shape:
             raise ValueError(
                 f"input has shape {tuple(x.shape)}; the model expects (N, "
@@ -112,6 +115,7 @@ class Sequential:
             )
         if x.dtype != self.dtype:
             raise ValueError(f"input dtype is {x.dtype}; the model computes in {self.dtype}")
+        return x if x.flags.writeable and x.flags.c_contiguous else np.array(x, order="C")
 
     def named_parameters(self) -> dict[str, np.ndarray]:
         return {

@@ -215,6 +215,9 @@ def fit(
         while st.step < steps:
             if should_stop is not None and should_stop():
                 st.seconds += time.perf_counter() - t_epoch
+                # Hand the optimizer back with its base lr, not this epoch's scheduled one, so
+                # that passing it to fit() again resumes with the same schedule.
+                optimizer.lr = base_lr
                 return FitResult(st, completed=False)
             t0 = time.perf_counter()
             idx = order[st.step * batch_size : (st.step + 1) * batch_size]

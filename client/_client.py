@@ -1,0 +1,492 @@
+"""The Client: a context manager that owns one gRPC channel to a cnnd server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cnnd.client._convert import DTYPE_ENUMS, encode_tensor, spec_to_proto
+from cnnd.client._errors import (
+    CnndError,
+    InvalidArgument,
+    JobFailed,
+    Unavailable,
+    from_rpc_error,
+    from_status,
+)
+from cnnd.client._progress import JobProgress, byte_bar
+from cnnd.client._types import (
+    Dataset,
+    InferResult,
+    Inspection,
+    Job,
+    JobEvent,
+    Model,
+)
+from cnnd.v1 import (
+    datasets_pb2,
+    inference_pb2,
+    jobs_pb2,
+    models_pb2,
+    service_pb2_grpc,
+)
+
+SERVICE = "cnnd.v1.CnndService"
+DEFAULT_TARGET = "127.0.0.1:50051"
+CHUNK_BYTES = 1 << 20
+# Calls that change nothing, retried on UNAVAILABLE with exponential backoff.
+IDEMPOTENT = (
+    "GetModel", "ListModels", "GetDataset", "ListDatasets", "GetJob", "ListJobs", "WatchJob",
+    "Infer", "Inspect", "ExportModel",
+)  # fmt: skip
+
+ModelRef = Model | str
+DatasetRef = Dataset | str
+JobRef = Job | str
+
+
+@dataclass(frozen=True)
+class TLS:
+    """TLS settings: ``ca`` verifies the server (system roots when None); ``cert`` and ``key``
+    authenticate this client for mutual TLS; ``server_name`` overrides the name checked."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+    server_name: str | None = None
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        def read(p: str | None) -> bytes | None:
+            return Path(p).read_bytes() if p else None
+
+        return grpc.ssl_channel_credentials(read(self.ca), read(self.key), read(self.cert))
+
+
+def _service_config(retries: int) -> str:
+    if retries <= 0:
+        return json.dumps({})
+    return json.dumps(
+        {
+            "methodConfig": [
+                {
+                    "name": [{"service": SERVICE, "method": m} for m in IDEMPOTENT],
+                    "retryPolicy": {
+                        "maxAttempts": min(retries + 1, 5),
+                        "initialBackoff": "0.2s",
+                        "maxBackoff": "3s",
+                        "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"],
+                    },
+                }
+            ]
+        }
+    )
+
+
+def _key(ref: Any, kind: type, what: str) -> str:
+    if isinstance(ref, kind):
+        return ref.id  # type: ignore[attr-defined]
+    if isinstance(ref, str) and ref:
+        return ref
+    raise TypeError(f"{what} must be a {kind.__name__} or an id/name string, got {ref!r}")
+
+
+class Client:
+    """A connection to a cnnd server.
+
+    >>> with Client("127.0.0.1:50051") as c:
+    ...     model = c.create_model(spec, name="lenet")
+    ...     job = c.train(model, c.upload_dataset(x, y, name="digits"), epochs=5)
+    ...     job.wait()
+    ...     c.infer(model, x[:8]).classes
+
+    ``token`` is sent as ``authorization: Bearer <token>``; ``tls`` is True (system roots) or
+    a TLS(...) for a private CA and mutual TLS; ``timeout`` is the default deadline of every
+    call in seconds; idempotent calls are retried ``retries`` times on UNAVAILABLE.
+    """
+
+    def __init__(
+        self,
+        target: str | None = None,
+        token: str | None = None,
+        tls: bool | TLS | None = None,
+        timeout: float = 60.0,
+        retries: int = 4,
+        max_message_bytes: int = 64 << 20,
+    ) -> None:
+        self.target = target or os.environ.get("CNND_TARGET") or DEFAULT_TARGET
+        token = token if token is not None else os.environ.get("CNND_TOKEN")
+        self.timeout = timeout
+        options = [
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.service_config", _service_config(retries)),
+            ("grpc.enable_retries", 1 if retries > 0 else 0),
+            ("grpc.keepalive_time_ms", 60_000),
+        ]
+        if tls:
+            settings = tls if isinstance(tls, TLS) else TLS()
+            if settings.server_name:
+                options.append(("grpc.ssl_target_name_override", settings.server_name))
+            self.channel = grpc.secure_channel(self.target, settings.credentials(), options)
+        else:
+            self.channel = grpc.insecure_channel(self.target, options)
+        self.metadata: tuple[tuple[str, str], ...] = (
+            (("authorization", f"Bearer {token}"),) if token else ()
+        )
+        self.stub = service_pb2_grpc.CnndServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    # --- plumbing -----------------------------------------------------------------------
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return getattr(self.stub, method)(
+                request, timeout=timeout or self.timeout, metadata=self.metadata
+            )
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def _stream(self, method: str, request: Any, timeout: float | None = None) -> Iterator[Any]:
+        call = getattr(self.stub, method)(request, timeout=timeout, metadata=self.metadata)
+        try:
+            yield from call
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    # --- health -------------------------------------------------------------------------
+    def health(self, service: str = "") -> str:
+        """ "SERVING" or "NOT_SERVING" (health is open even where the API needs a token)."""
+        try:
+            r = self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=self.timeout
+            )
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
+
+    def wait_until_ready(self, timeout: float = 60.0) -> None:
+        """Block until health is SERVING; Unavailable after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if self.health() == "SERVING":
+                    return
+            except CnndError as e:
+                last = e
+            time.sleep(0.1)
+        raise Unavailable(f"{self.target} was not SERVING after {timeout:.0f} s ({last})")
+
+    # --- models -------------------------------------------------------------------------
+    def create_model(self, spec: dict[str, Any], name: str, seed: int = 0) -> Model:
+        """Create a model from a spec dict (see cnnd.core.spec); weights drawn from ``seed``."""
+        try:
+            proto = spec_to_proto(spec)
+        except ValueError as e:
+            raise InvalidArgument(str(e)) from None
+        req = models_pb2.CreateModelRequest(name=name, spec=proto, seed=seed)
+        return Model.from_proto(self._call("CreateModel", req))
+
+    def get_model(self, model: ModelRef) -> Model:
+        req = models_pb2.GetModelRequest(model_id=_key(model, Model, "model"))
+        return Model.from_proto(self._call("GetModel", req))
+
+    def list_models(self) -> list[Model]:
+        out, token = [], ""
+        while True:
+            r = self._call("ListModels", models_pb2.ListModelsRequest(page_token=token))
+            out += [Model.from_proto(m) for m in r.models]
+            if not (token := r.next_page_token):
+                return out
+
+    def delete_model(self, model: ModelRef) -> None:
+        req = models_pb2.DeleteModelRequest(model_id=_key(model, Model, "model"))
+        self._call("DeleteModel", req)
+
+    def export_model(
+        self, model: ModelRef, path: str | os.PathLike[str], version: int | None = None
+    ) -> Path:
+        """Write the model as .npz (PyTorch state_dict names + ``__spec__`` JSON) to path."""
+        req = models_pb2.ExportModelRequest(
+            model_id=_key(model, Model, "model"), version=version or 0
+        )
+        data = b"".join(r.chunk for r in self._stream("ExportModel", req, self.timeout))
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return path
+
+    def import_model(self, path: str | os.PathLike[str], name: str) -> Model:
+        """Create a model from an exported .npz; its weights become version 1."""
+        data = Path(path).read_bytes()
+
+        def requests() -> Iterator[models_pb2.ImportModelRequest]:
+            header = models_pb2.ImportModelHeader(name=name, size_bytes=len(data))
+            yield models_pb2.ImportModelRequest(header=header)
+            for lo in range(0, len(data), CHUNK_BYTES):
+                yield models_pb2.ImportModelRequest(chunk=data[lo : lo + CHUNK_BYTES])
+
+        return Model.from_proto(self._call("ImportModel", requests()))
+
+    # --- datasets -----------------------------------------------------------------------
+    def upload_dataset(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        name: str,
+        num_classes: int | None = None,
+        progress: bool = False,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> Dataset:
+        """Upload images x (N, C, H, W) (or (N, H, W)), float32 or uint8 (scaled to [0, 1]
+        for training), and labels y (N,) in [0, num_classes), streamed in chunks."""
+        x = np.asarray(x)
+        if x.ndim == 3:
+            x = x[:, None]
+        if x.ndim != 4:
+            raise InvalidArgument(f"x must be (N, C, H, W) or (N, H, W), got shape {x.shape}")
+        if x.dtype != np.uint8:
+            x = x.astype("<f4", copy=False)
+        y = np.asarray(y)
+        if y.shape != (x.shape[0],) or y.dtype.kind not in "iu":
+            raise InvalidArgument(f"y must be {x.shape[0]} integer labels, got {y.shape} {y.dtype}")
+        images = np.ascontiguousarray(x).tobytes()
+        labels = y.astype("<i4").tobytes()
+        digest = hashlib.sha256(images)
+        digest.update(labels)
+        header = datasets_pb2.DatasetHeader(
+            name=name, sample_shape=list(x.shape[1:]), dtype=DTYPE_ENUMS[x.dtype.name],
+            num_classes=int(num_classes or (int(y.max()) + 1 if len(y) else 0)),
+            sample_count=x.shape[0], sha256=digest.hexdigest(),
+        )  # fmt: skip
+        bar = byte_bar(len(images) + len(labels), f"upload {name}", progress)
+
+        def requests() -> Iterator[datasets_pb2.UploadDatasetRequest]:
+            yield datasets_pb2.UploadDatasetRequest(header=header)
+            for field, data in (("images", images), ("labels", labels)):
+                for lo in range(0, len(data), chunk_bytes):
+                    chunk = data[lo : lo + chunk_bytes]
+                    if bar is not None:
+                        bar.update(len(chunk))
+                    yield datasets_pb2.UploadDatasetRequest(**{field: chunk})
+
+        try:
+            timeout = self.timeout + len(images) / 10e6  # at least 10 MB/s
+            return Dataset.from_proto(self._call("UploadDataset", requests(), timeout))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def get_dataset(self, dataset: DatasetRef) -> Dataset:
+        req = datasets_pb2.GetDatasetRequest(dataset_id=_key(dataset, Dataset, "dataset"))
+        return Dataset.from_proto(self._call("GetDataset", req))
+
+    def list_datasets(self) -> list[Dataset]:
+        out, token = [], ""
+        while True:
+            r = self._call("ListDatasets", datasets_pb2.ListDatasetsRequest(page_token=token))
+            out += [Dataset.from_proto(d) for d in r.datasets]
+            if not (token := r.next_page_token):
+                return out
+
+    def delete_dataset(self, dataset: DatasetRef) -> None:
+        req = datasets_pb2.DeleteDatasetRequest(dataset_id=_key(dataset, Dataset, "dataset"))
+        self._call("DeleteDataset", req)
+
+    # --- training -----------------------------------------------------------------------
+    def train(
+        self,
+        model: ModelRef,
+        dataset: DatasetRef,
+        epochs: int = 10,
+        batch_size: int = 32,
+        optimizer: str = "sgd",
+        lr: float | None = None,
+        momentum: float = 0.0,
+        weight_decay: float | None = None,
+        nesterov: bool = False,
+        validation: DatasetRef | float | None = None,
+        seed: int = 0,
+        checkpoint_every: int = 1,
+        patience: int | None = None,
+        schedule: str | dict[str, Any] | None = None,
+        initial_version: int = 0,
+    ) -> Job:
+        """Start a training job and return it at once (QUEUED or RUNNING).
+
+        ``optimizer`` is "sgd", "adam" or "adamw" with PyTorch's rules; ``validation`` is a
+        dataset or a fraction held out per class; ``schedule`` is "step" / "cosine" or a dict
+        such as {"kind": "step", "step_size": 5, "gamma": 0.5}; ``patience`` stops after that
+        many epochs without a lower validation loss.
+        """
+        req = jobs_pb2.TrainRequest(
+            model_id=_key(model, Model, "model"), dataset_id=_key(dataset, Dataset, "dataset"),
+            epochs=epochs, batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every,
+            early_stopping_patience=patience or 0, initial_version=initial_version,
+        )  # fmt: skip
+        if isinstance(validation, float):
+            req.validation_fraction = validation
+        elif validation is not None:
+            req.validation_dataset_id = _key(validation, Dataset, "validation")
+        if optimizer == "sgd":
+            req.sgd.CopyFrom(
+                jobs_pb2.Sgd(
+                    lr=lr or 0.0, momentum=momentum, weight_decay=weight_decay or 0.0,
+                    nesterov=nesterov,
+                )
+            )  # fmt: skip
+        elif optimizer in ("adam", "adamw"):
+            msg = getattr(req, optimizer)
+            msg.lr = lr or 0.0
+            if weight_decay is not None:
+                msg.weight_decay = weight_decay
+        else:
+            raise InvalidArgument(f"optimizer must be 'sgd', 'adam' or 'adamw', got {optimizer!r}")
+        if schedule is not None:
+            s = {"kind": schedule} if isinstance(schedule, str) else dict(schedule)
+            kind = s.pop("kind", None)
+            if kind == "step":
+                req.schedule.step.CopyFrom(jobs_pb2.StepLr(**s))
+            elif kind == "cosine":
+                req.schedule.cosine.CopyFrom(jobs_pb2.CosineLr(**s))
+            elif kind not in (None, "constant"):
+                raise InvalidArgument(f"schedule must be 'step' or 'cosine', got {kind!r}")
+        return Job.from_proto(self._call("Train", req), self)
+
+    def get_job(self, job: JobRef) -> Job:
+        req = jobs_pb2.GetJobRequest(job_id=_key(job, Job, "job"))
+        return Job.from_proto(self._call("GetJob", req), self)
+
+    def list_jobs(self, model: ModelRef | None = None, state: str | None = None) -> list[Job]:
+        out, token = [], ""
+        model_id = _key(model, Model, "model") if model is not None else ""
+        state_enum = jobs_pb2.JobState.Value(f"JOB_STATE_{state.upper()}") if state else 0
+        while True:
+            req = jobs_pb2.ListJobsRequest(page_token=token, model_id=model_id, state=state_enum)
+            r = self._call("ListJobs", req)
+            out += [Job.from_proto(j, self) for j in r.jobs]
+            if not (token := r.next_page_token):
+                return out
+
+    def cancel_job(self, job: JobRef) -> Job:
+        req = jobs_pb2.CancelJobRequest(job_id=_key(job, Job, "job"))
+        return Job.from_proto(self._call("CancelJob", req), self)
+
+    def watch_job(self, job: JobRef) -> Iterator[JobEvent]:
+        """Events of a job until it ends: a snapshot first, then state changes, progress (at
+        most every 200 ms) and each epoch's metrics."""
+        req = jobs_pb2.WatchJobRequest(job_id=_key(job, Job, "job"))
+        for ev in self._stream("WatchJob", req):
+            yield JobEvent.from_proto(ev, self)
+
+    def wait_job(
+        self,
+        job: JobRef,
+        progress: bool = True,
+        timeout: float | None = None,
+        raise_on_failure: bool = False,
+    ) -> Job:
+        """Block until the job ends (reconnecting if the server restarts); the final Job."""
+        job_id = _key(job, Job, "job")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        display = JobProgress() if progress else None
+        backoff = 0.2
+        try:
+            while True:
+                try:
+                    for ev in self.watch_job(job_id):
+                        if display is not None:
+                            display.update(ev)
+                        if deadline is not None and time.monotonic() > deadline:
+                            break
+                        backoff = 0.2
+                except Unavailable:
+                    time.sleep(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                final = self.get_job(job_id)
+                if final.done:
+                    if raise_on_failure and final.state != "SUCCEEDED":
+                        raise JobFailed(f"job {final.id} {final.state}: {final.failure_reason}")
+                    return final
+                if deadline is not None and time.monotonic() > deadline:
+                    raise TimeoutError(f"job {job_id} is still {final.state} after {timeout} s")
+        finally:
+            if display is not None:
+                display.close()
+
+    # --- inference ----------------------------------------------------------------------
+    def infer(self, model: ModelRef, x: np.ndarray, version: int | None = None) -> InferResult:
+        """Logits, probabilities and top-1 classes for x (N, C, H, W) or one sample (C, H, W),
+        float32 or uint8, from ``version`` (default: the latest)."""
+        req = self._infer_request(model, x, version)
+        return InferResult.from_proto(self._call("Infer", req))
+
+    @staticmethod
+    def _infer_request(
+        model: ModelRef, x: np.ndarray, version: int | None, request_id: str = ""
+    ) -> inference_pb2.InferRequest:
+        x = np.asarray(x)
+        if x.ndim == 3:
+            x = x[None]
+        return inference_pb2.InferRequest(
+            model_id=_key(model, Model, "model"), version=version or 0,
+            input=encode_tensor(x), request_id=request_id,
+        )  # fmt: skip
+
+    def infer_stream(
+        self, model: ModelRef, inputs: Iterable[np.ndarray], version: int | None = None
+    ) -> Iterator[InferResult | CnndError]:
+        """Many inputs over one bidirectional stream, results in order. A failing input yields
+        its CnndError in its place and the stream goes on."""
+        requests = (self._infer_request(model, x, version, str(i)) for i, x in enumerate(inputs))
+        for r in self._stream("InferStream", requests):
+            if r.error.code:
+                yield from_status(r.error.code, r.error.message)
+            else:
+                yield InferResult.from_proto(r)
+
+    def inspect(
+        self,
+        model: ModelRef,
+        version: int | None = None,
+        input: np.ndarray | None = None,
+        target_class: int | None = None,
+        include_weights: bool = False,
+    ) -> Inspection:
+        """Layers, parameter statistics and training history of a version; with ``input``
+        (one sample, (C, H, W) or (1, C, H, W)) also every layer's feature maps and the
+        saliency map dL/dx of ``target_class`` (default: the predicted class)."""
+        req = inference_pb2.InspectRequest(
+            model_id=_key(model, Model, "model"), version=version or 0,
+            include_weights=include_weights,
+        )  # fmt: skip
+        if input is not None:
+            x = np.asarray(input)
+            req.input.CopyFrom(encode_tensor(x[None] if x.ndim == 3 else x))
+        if target_class is not None:
+            req.target_class = target_class
+        return Inspection.from_proto(self._call("Inspect", req))

@@ -1,0 +1,67 @@
+"""Compile (or load from the on-disk cache) every kernel the engine uses, in float32.
+
+The server calls this before it reports SERVING, and the container build calls it so that
+the image ships with a warm Numba cache: ``python -m cnnd.core.warmup``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from cnnd.core.kernels import activations
+from cnnd.core.model import Sequential
+from cnnd.core.optim import SGD
+from cnnd.core.train import fit
+
+_SPEC = {
+    "input_shape": [2, 6, 6],
+    "layers": [
+        {"type": "conv2d", "out_channels": 3, "kernel_size": 3, "padding": 1},
+        {"type": "batchnorm2d"},
+        {"type": "relu"},
+        {"type": "conv2d", "out_channels": 3, "kernel_size": 3, "padding": 1},
+        {"type": "relu"},
+        {"type": "maxpool2d", "kernel_size": 2},
+        {"type": "avgpool2d", "kernel_size": 1},
+        {"type": "leaky_relu"},
+        {"type": "tanh"},
+        {"type": "sigmoid"},
+        {"type": "dropout", "p": 0.5},
+        {"type": "flatten"},
+        {"type": "linear", "out_features": 4},
+        {"type": "relu"},
+        {"type": "linear", "out_features": 3},
+    ],
+}
+
+
+def warmup() -> float:
+    """Run every kernel once (serial and parallel variants); return the seconds it took."""
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(0)
+    model = Sequential.from_spec(_SPEC, seed=0)
+    x = rng.standard_normal((4, 2, 6, 6)).astype(np.float32)
+    y = rng.integers(0, 3, 4)
+    fit(model, x, y, epochs=1, batch_size=4, optimizer=SGD(0.01), validation=(x, y))
+    model.activations(x[:1])
+    model.forward(x[:1], train=False)
+    model.backward(np.ones((1, 3), np.float32), need_input_grad=True)
+    # Large enough to take the parallel elementwise kernels.
+    big = rng.standard_normal(activations.PARALLEL_MIN).astype(np.float32)
+    mask = np.ones_like(big)
+    for fwd, bwd in (
+        (activations.relu_forward, activations.relu_backward),
+        (activations.tanh_forward, activations.tanh_backward),
+        (activations.sigmoid_forward, activations.sigmoid_backward),
+        (activations.dropout_forward, activations.dropout_backward),
+    ):
+        y_big = fwd(big, mask) if fwd is activations.dropout_forward else fwd(big)
+        bwd(big, y_big if bwd is not activations.dropout_backward else mask)
+    activations.leaky_relu_backward(big, activations.leaky_relu_forward(big, 0.01), 0.01)
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    print(f"cnnd kernels ready in {warmup():.1f} s")

@@ -1,0 +1,178 @@
+"""Building the server (``create_server``) and running it (``serve``), kept apart so tests
+build one on port 0 and talk to it over a real channel.
+
+Start-up: open the store (recovering jobs a dead process left RUNNING), bind, start the job
+runner, compile the kernels, then report SERVING. Shutdown (SIGTERM): health NOT_SERVING at
+once, no new RPCs, in-flight calls get the grace period, running jobs checkpoint at their next
+step and go back to QUEUED for the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from cnnd.core.warmup import warmup
+from cnnd.server.config import ServerConfig
+from cnnd.server.deps import Deps
+from cnnd.server.registry import Registry
+from cnnd.server.servicer import CnndServicer
+from cnnd.server.store.base import Store
+from cnnd.server.training import JobBoard, JobRunner
+from cnnd.v1 import service_pb2, service_pb2_grpc
+
+log = logging.getLogger("cnnd.server")
+
+SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["CnndService"].full_name
+
+
+def open_store(config: ServerConfig) -> Store:
+    """The store named by ``config.store``: SQLite in the data dir, or PostgreSQL."""
+    if config.store.startswith(("postgresql://", "postgres://")):
+        from cnnd.server.store.postgres import PostgresStore
+
+        return PostgresStore(config.store)
+    if config.store not in ("", "sqlite"):
+        raise ValueError(f"unknown store {config.store!r}; use 'sqlite' or 'postgresql://...'")
+    from cnnd.server.store.sqlite import SQLiteStore
+
+    store = SQLiteStore(config.data_dir)
+    recovered = store.recover()
+    if recovered:
+        log.info("resuming %d job(s) interrupted by the previous process", len(recovered))
+    return store
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
+    size = config.limits.max_message_bytes
+    return [
+        ("grpc.max_receive_message_length", size),
+        ("grpc.max_send_message_length", size),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+@dataclass
+class Server:
+    """A built cnnd server: ``start()``, then ``stop()`` (or ``wait_for_termination()``)."""
+
+    config: ServerConfig
+    grpc_server: grpc.Server
+    deps: Deps
+    health: health.HealthServicer
+    port: int
+    extras: list[Any] = field(default_factory=list)  # things with .stop(): metrics, batcher
+    _stopped: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> None:
+        self.grpc_server.start()
+        self.deps.runner.start()
+        threading.Thread(target=self._warm, name="cnnd-warmup", daemon=True).start()
+        log.info("cnnd listening on %s:%d", self.config.host, self.port)
+
+    def _warm(self) -> None:
+        seconds = warmup()
+        if self.deps.metrics is not None:
+            self.deps.metrics.compile_seconds.set(seconds)
+        if not self.deps.shutting_down.is_set():
+            self.set_serving(True)
+            log.info("kernels ready in %.1f s; SERVING", seconds)
+
+    def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def stop(self, grace: float | None = None) -> bool:
+        """Drain and stop; True when every job checkpointed within the grace period."""
+        if self._stopped.is_set():
+            return True
+        grace = self.config.grace_seconds if grace is None else grace
+        self.set_serving(False)
+        self.deps.shutting_down.set()
+        deadline = time.monotonic() + grace
+        stopped = self.grpc_server.stop(grace)
+        drained = self.deps.runner.drain(max(0.0, deadline - time.monotonic()))
+        stopped.wait(max(0.0, deadline - time.monotonic()))
+        for extra in self.extras:
+            extra.stop()
+        self.deps.store.close()
+        self._stopped.set()
+        log.info("cnnd stopped%s", "" if drained else " (some jobs did not checkpoint in time)")
+        return drained
+
+    def wait_for_termination(self) -> None:
+        self._stopped.wait()
+
+
+def create_server(config: ServerConfig) -> tuple[Server, int]:
+    """Build (not start) a server for ``config``; returns it and the bound port (``port=0``
+    binds a free one)."""
+    store = open_store(config)
+    spec_limits = config.limits.spec_limits()
+    board = JobBoard()
+    registry = Registry(store, spec_limits)
+    worker = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    runner = JobRunner(
+        store, spec_limits, worker, max_concurrent=config.limits.max_concurrent_jobs,
+        lease_seconds=config.lease_seconds, board=board,
+    )  # fmt: skip
+    deps = Deps(config=config, store=store, registry=registry, runner=runner, board=board)
+    grpc_server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="cnnd-rpc"),
+        options=grpc_options(config),
+        maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs,
+    )
+    service_pb2_grpc.add_CnndServiceServicer_to_server(CnndServicer(deps), grpc_server)
+    health_servicer = health.HealthServicer(
+        experimental_non_blocking=True,
+        experimental_thread_pool=futures.ThreadPoolExecutor(max_workers=2),
+    )
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), grpc_server
+    )
+    address = f"{config.host}:{config.port}"
+    if ":" in config.host and not config.host.startswith("["):
+        address = f"[{config.host}]:{config.port}"
+    port = grpc_server.add_insecure_port(address)
+    if port == 0:
+        store.close()
+        raise OSError(f"could not bind {address}")
+    server = Server(config, grpc_server, deps, health_servicer, port)
+    server.set_serving(False)
+    return server, port
+
+
+def serve(config: ServerConfig) -> int:
+    """Run until SIGTERM or SIGINT; exit code 0 after a clean drain."""
+    server, _ = create_server(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("received %s; draining", signal.Signals(signum).name)
+        server.set_serving(False)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    while not stop.wait(0.5):
+        pass
+    server.stop()
+    return 0

@@ -1,0 +1,99 @@
+"""Model lookup and a bounded cache of built models, shared by Infer, Inspect and Export.
+
+Versions are immutable, so a cached (model, version) never goes stale; "latest" is resolved
+against the store on each call, so a version committed by a job (here or on another replica)
+is served from the next call on, and never before its weights are complete.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from cnnd.core import Sequential, SpecLimits, SpecSummary, load_npz, validate_spec
+from cnnd.server.errors import FailedPrecondition, NotFound
+from cnnd.server.store.base import ModelRecord, Store
+
+
+@dataclass(frozen=True)
+class Loaded:
+    record: ModelRecord
+    version: int  # 0: the initial weights of a model that was never trained
+    model: Sequential
+
+
+class Registry:
+    def __init__(self, store: Store, limits: SpecLimits, capacity: int = 16) -> None:
+        self.store = store
+        self.limits = limits
+        self.capacity = capacity
+        self._cache: OrderedDict[tuple[str, int], Sequential] = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[tuple[str, int], threading.Lock] = {}
+
+    def record(self, key: str, field: str = "model_id") -> ModelRecord:
+        record = self.store.get_model(key)
+        if record is None:
+            raise NotFound(f"no model with id or name {key!r}", field)
+        return record
+
+    def summary(self, record: ModelRecord) -> SpecSummary:
+        return validate_spec(record.spec, self.limits)[1]
+
+    def resolve_version(self, record: ModelRecord, version: int, allow_initial: bool) -> int:
+        if version < 0:
+            raise NotFound(f"version must be >= 0, got {version}", "version")
+        if version == 0:
+            if record.latest_version == 0 and not allow_initial:
+                raise FailedPrecondition(
+                    f"model {record.name} ({record.id}) has no trained version yet; train it "
+                    "first (Train), or import weights (ImportModel)"
+                )
+            return record.latest_version
+        if version > record.latest_version:
+            raise NotFound(
+                f"model {record.name} has no version {version} (latest is {record.latest_version})",
+                "version",
+            )
+        return version
+
+    def load(self, key: str, version: int = 0, allow_initial: bool = False) -> Loaded:
+        """The model ``key`` (id or name) at ``version`` (0: latest), built and cached."""
+        record = self.record(key)
+        v = self.resolve_version(record, version, allow_initial)
+        return Loaded(record, v, self.get(record, v))
+
+    def get(self, record: ModelRecord, version: int) -> Sequential:
+        key = (record.id, version)
+        with self._lock:
+            model = self._cache.get(key)
+            if model is not None:
+                self._cache.move_to_end(key)
+                return model
+            loading = self._loading.setdefault(key, threading.Lock())
+        with loading:  # one build per key, others wait for it
+            with self._lock:
+                model = self._cache.get(key)
+            if model is None:
+                model = self.build(record, version)
+                with self._lock:
+                    self._cache[key] = model
+                    while len(self._cache) > self.capacity:
+                        self._cache.popitem(last=False)
+            with self._lock:
+                self._loading.pop(key, None)
+        return model
+
+    def build(self, record: ModelRecord, version: int) -> Sequential:
+        """A fresh model instance (not cached), e.g. for Inspect, which needs its own copy."""
+        model = Sequential.from_spec(record.spec, seed=record.seed, limits=self.limits)
+        if version > 0:
+            arrays = load_npz(self.store.get_weights(record.id, version))
+            model.load_state_dict({k: v for k, v in arrays.items() if not k.startswith("__")})
+        return model
+
+    def forget(self, model_id: str) -> None:
+        with self._lock:
+            for key in [k for k in self._cache if k[0] == model_id]:
+                del self._cache[key]
