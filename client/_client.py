@@ -207,11 +207,11 @@ class Client:
         except ValueError as e:
             raise InvalidArgument(str(e)) from None
         req = models_pb2.CreateModelRequest(name=name, spec=proto, seed=seed)
-        return Model.from_proto(self._call("CreateModel", req))
+        return Model.from_proto(self._call("CreateModel", req).model)
 
     def get_model(self, model: ModelRef) -> Model:
         req = models_pb2.GetModelRequest(model_id=_key(model, Model, "model"))
-        return Model.from_proto(self._call("GetModel", req))
+        return Model.from_proto(self._call("GetModel", req).model)
 
     def list_models(self) -> list[Model]:
         out, token = [], ""
@@ -250,7 +250,7 @@ class Client:
             for lo in range(0, len(data), CHUNK_BYTES):
                 yield models_pb2.ImportModelRequest(chunk=data[lo : lo + CHUNK_BYTES])
 
-        return Model.from_proto(self._call("ImportModel", requests()))
+        return Model.from_proto(self._call("ImportModel", requests()).model)
 
     # --- datasets -----------------------------------------------------------------------
     def upload_dataset(
@@ -296,14 +296,14 @@ class Client:
 
         try:
             timeout = self.timeout + len(images) / 10e6  # at least 10 MB/s
-            return Dataset.from_proto(self._call("UploadDataset", requests(), timeout))
+            return Dataset.from_proto(self._call("UploadDataset", requests(), timeout).dataset)
         finally:
             if bar is not None:
                 bar.close()
 
     def get_dataset(self, dataset: DatasetRef) -> Dataset:
         req = datasets_pb2.GetDatasetRequest(dataset_id=_key(dataset, Dataset, "dataset"))
-        return Dataset.from_proto(self._call("GetDataset", req))
+        return Dataset.from_proto(self._call("GetDataset", req).dataset)
 
     def list_datasets(self) -> list[Dataset]:
         out, token = [], ""
@@ -375,11 +375,11 @@ class Client:
                 req.schedule.cosine.CopyFrom(jobs_pb2.CosineLr(**s))
             elif kind not in (None, "constant"):
                 raise InvalidArgument(f"schedule must be 'step' or 'cosine', got {kind!r}")
-        return Job.from_proto(self._call("Train", req), self)
+        return Job.from_proto(self._call("Train", req).job, self)
 
     def get_job(self, job: JobRef) -> Job:
         req = jobs_pb2.GetJobRequest(job_id=_key(job, Job, "job"))
-        return Job.from_proto(self._call("GetJob", req), self)
+        return Job.from_proto(self._call("GetJob", req).job, self)
 
     def list_jobs(self, model: ModelRef | None = None, state: str | None = None) -> list[Job]:
         out, token = [], ""
@@ -394,7 +394,7 @@ class Client:
 
     def cancel_job(self, job: JobRef) -> Job:
         req = jobs_pb2.CancelJobRequest(job_id=_key(job, Job, "job"))
-        return Job.from_proto(self._call("CancelJob", req), self)
+        return Job.from_proto(self._call("CancelJob", req).job, self)
 
     def watch_job(self, job: JobRef) -> Iterator[JobEvent]:
         """Events of a job until it ends: a snapshot first, then state changes, progress (at
@@ -462,12 +462,15 @@ class Client:
     ) -> Iterator[InferResult | CnndError]:
         """Many inputs over one bidirectional stream, results in order. A failing input yields
         its CnndError in its place and the stream goes on."""
-        requests = (self._infer_request(model, x, version, str(i)) for i, x in enumerate(inputs))
+        requests = (
+            inference_pb2.InferStreamRequest(request=self._infer_request(model, x, version, str(i)))
+            for i, x in enumerate(inputs)
+        )
         for r in self._stream("InferStream", requests):
             if r.error.code:
                 yield from_status(r.error.code, r.error.message)
             else:
-                yield InferResult.from_proto(r)
+                yield InferResult.from_proto(r.response)
 
     def inspect(
         self,

@@ -15,10 +15,10 @@ from cnnd.v1 import models_pb2, tensor_pb2
 
 PAIRS = ("kernel_size", "stride", "padding")
 DTYPES: dict[int, np.dtype] = {
-    tensor_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
-    tensor_pb2.DTYPE_UINT8: np.dtype("u1"),
+    tensor_pb2.DATA_TYPE_FLOAT32: np.dtype("<f4"),
+    tensor_pb2.DATA_TYPE_UINT8: np.dtype("u1"),
 }
-DTYPE_NAMES = {tensor_pb2.DTYPE_FLOAT32: "float32", tensor_pb2.DTYPE_UINT8: "uint8"}
+DTYPE_NAMES = {tensor_pb2.DATA_TYPE_FLOAT32: "float32", tensor_pb2.DATA_TYPE_UINT8: "uint8"}
 DTYPE_ENUMS = {v: k for k, v in DTYPE_NAMES.items()}
 
 
@@ -86,10 +86,10 @@ def encode_tensor(a: np.ndarray) -> tensor_pb2.Tensor:
     a = np.asarray(a)
     if a.dtype == np.uint8:
         return tensor_pb2.Tensor(
-            shape=list(a.shape), dtype=tensor_pb2.DTYPE_UINT8, data=a.tobytes(order="C")
+            shape=list(a.shape), dtype=tensor_pb2.DATA_TYPE_UINT8, data=a.tobytes(order="C")
         )
     data = np.ascontiguousarray(a, dtype="<f4").tobytes()
-    return tensor_pb2.Tensor(shape=list(a.shape), dtype=tensor_pb2.DTYPE_FLOAT32, data=data)
+    return tensor_pb2.Tensor(shape=list(a.shape), dtype=tensor_pb2.DATA_TYPE_FLOAT32, data=data)
 
 
 def decode_tensor(t: tensor_pb2.Tensor) -> np.ndarray:

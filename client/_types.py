@@ -236,8 +236,8 @@ class JobEvent:
     time: datetime | None
 
     @classmethod
-    def from_proto(cls, e: jobs_pb2.JobEvent, client: Client | None = None) -> JobEvent:
-        kind = jobs_pb2.JobEvent.Kind.Name(e.kind).removeprefix("KIND_").lower()
+    def from_proto(cls, e: jobs_pb2.WatchJobResponse, client: Client | None = None) -> JobEvent:
+        kind = jobs_pb2.WatchJobResponse.Kind.Name(e.kind).removeprefix("KIND_").lower()
         return cls(
             kind=kind,
             job=Job.from_proto(e.job, client),

@@ -48,7 +48,8 @@ def decode_tensor(t: tensor_pb2.Tensor, field: str, max_elements: int) -> np.nda
     """
     if t.dtype not in DTYPES:
         raise InvalidArgument(
-            f"{field}.dtype must be DTYPE_FLOAT32 or DTYPE_UINT8, got {t.dtype}", f"{field}.dtype"
+            f"{field}.dtype must be DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8, got {t.dtype}",
+            f"{field}.dtype",
         )
     shape = tuple(int(d) for d in t.shape)
     if not shape or any(d < 1 for d in shape):

@@ -26,12 +26,16 @@ class CnndServicer(service_pb2_grpc.CnndServiceServicer):
         self.deps = deps
 
     @rpc_errors
-    def CreateModel(self, request: models_pb2.CreateModelRequest, context: Ctx) -> models_pb2.Model:
-        return models.create_model(self.deps, request)
+    def CreateModel(
+        self, request: models_pb2.CreateModelRequest, context: Ctx
+    ) -> models_pb2.CreateModelResponse:
+        return models_pb2.CreateModelResponse(model=models.create_model(self.deps, request))
 
     @rpc_errors
-    def GetModel(self, request: models_pb2.GetModelRequest, context: Ctx) -> models_pb2.Model:
-        return models.get_model(self.deps, request)
+    def GetModel(
+        self, request: models_pb2.GetModelRequest, context: Ctx
+    ) -> models_pb2.GetModelResponse:
+        return models_pb2.GetModelResponse(model=models.get_model(self.deps, request))
 
     @rpc_errors
     def ListModels(
@@ -54,20 +58,24 @@ class CnndServicer(service_pb2_grpc.CnndServiceServicer):
     @rpc_errors
     def ImportModel(
         self, request_iterator: Iterator[models_pb2.ImportModelRequest], context: Ctx
-    ) -> models_pb2.Model:
-        return models.import_model(self.deps, request_iterator)
+    ) -> models_pb2.ImportModelResponse:
+        return models_pb2.ImportModelResponse(
+            model=models.import_model(self.deps, request_iterator)
+        )
 
     @rpc_errors
     def UploadDataset(
         self, request_iterator: Iterator[datasets_pb2.UploadDatasetRequest], context: Ctx
-    ) -> datasets_pb2.Dataset:
-        return datasets.upload_dataset(self.deps, request_iterator)
+    ) -> datasets_pb2.UploadDatasetResponse:
+        return datasets_pb2.UploadDatasetResponse(
+            dataset=datasets.upload_dataset(self.deps, request_iterator)
+        )
 
     @rpc_errors
     def GetDataset(
         self, request: datasets_pb2.GetDatasetRequest, context: Ctx
-    ) -> datasets_pb2.Dataset:
-        return datasets.get_dataset(self.deps, request)
+    ) -> datasets_pb2.GetDatasetResponse:
+        return datasets_pb2.GetDatasetResponse(dataset=datasets.get_dataset(self.deps, request))
 
     @rpc_errors
     def ListDatasets(
@@ -82,12 +90,12 @@ class CnndServicer(service_pb2_grpc.CnndServiceServicer):
         return datasets.delete_dataset(self.deps, request)
 
     @rpc_errors
-    def Train(self, request: jobs_pb2.TrainRequest, context: Ctx) -> jobs_pb2.Job:
-        return jobs.train(self.deps, request)
+    def Train(self, request: jobs_pb2.TrainRequest, context: Ctx) -> jobs_pb2.TrainResponse:
+        return jobs_pb2.TrainResponse(job=jobs.train(self.deps, request))
 
     @rpc_errors
-    def GetJob(self, request: jobs_pb2.GetJobRequest, context: Ctx) -> jobs_pb2.Job:
-        return jobs.get_job(self.deps, request)
+    def GetJob(self, request: jobs_pb2.GetJobRequest, context: Ctx) -> jobs_pb2.GetJobResponse:
+        return jobs_pb2.GetJobResponse(job=jobs.get_job(self.deps, request))
 
     @rpc_errors
     def ListJobs(
@@ -96,13 +104,15 @@ class CnndServicer(service_pb2_grpc.CnndServiceServicer):
         return jobs.list_jobs(self.deps, request)
 
     @rpc_errors
-    def CancelJob(self, request: jobs_pb2.CancelJobRequest, context: Ctx) -> jobs_pb2.Job:
-        return jobs.cancel_job(self.deps, request)
+    def CancelJob(
+        self, request: jobs_pb2.CancelJobRequest, context: Ctx
+    ) -> jobs_pb2.CancelJobResponse:
+        return jobs_pb2.CancelJobResponse(job=jobs.cancel_job(self.deps, request))
 
     @rpc_errors
     def WatchJob(
         self, request: jobs_pb2.WatchJobRequest, context: Ctx
-    ) -> Iterator[jobs_pb2.JobEvent]:
+    ) -> Iterator[jobs_pb2.WatchJobResponse]:
         yield from jobs.watch_job(self.deps, request, context.is_active)
 
     @rpc_errors
@@ -113,8 +123,8 @@ class CnndServicer(service_pb2_grpc.CnndServiceServicer):
 
     @rpc_errors
     def InferStream(
-        self, request_iterator: Iterator[inference_pb2.InferRequest], context: Ctx
-    ) -> Iterator[inference_pb2.InferResponse]:
+        self, request_iterator: Iterator[inference_pb2.InferStreamRequest], context: Ctx
+    ) -> Iterator[inference_pb2.InferStreamResponse]:
         yield from inference.infer_stream(self.deps, request_iterator, context.is_active)
 
     @rpc_errors

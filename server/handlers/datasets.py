@@ -37,7 +37,9 @@ def _check_header(deps: Deps, h: datasets_pb2.DatasetHeader) -> tuple[str, int, 
             "header.sample_shape",
         )
     if h.dtype not in convert.DTYPES:
-        raise InvalidArgument("header.dtype must be DTYPE_FLOAT32 or DTYPE_UINT8", "header.dtype")
+        raise InvalidArgument(
+            "header.dtype must be DATA_TYPE_FLOAT32 or DATA_TYPE_UINT8", "header.dtype"
+        )
     if not 2 <= h.num_classes <= 100_000:
         raise InvalidArgument(
             f"header.num_classes must be in [2, 100000], got {h.num_classes}",

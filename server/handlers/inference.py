@@ -51,20 +51,22 @@ def infer(deps: Deps, req: inference_pb2.InferRequest) -> inference_pb2.InferRes
 
 def infer_stream(
     deps: Deps,
-    requests: Iterable[inference_pb2.InferRequest],
+    requests: Iterable[inference_pb2.InferStreamRequest],
     active: Callable[[], bool],
-) -> Iterator[inference_pb2.InferResponse]:
+) -> Iterator[inference_pb2.InferStreamResponse]:
     """One response per request, in order; a failing request answers with its status in
     ``error`` and the stream goes on."""
-    for req in requests:
+    for msg in requests:
         if not active():
             return
+        req = msg.request
         try:
-            yield infer(deps, req)
+            yield inference_pb2.InferStreamResponse(response=infer(deps, req))
         except ServiceError as e:
-            yield inference_pb2.InferResponse(
-                request_id=req.request_id,
-                model_id=req.model_id,
+            yield inference_pb2.InferStreamResponse(
+                response=inference_pb2.InferResponse(
+                    request_id=req.request_id, model_id=req.model_id
+                ),
                 error=status_pb2.Status(code=e.code.value[0], message=e.message),
             )
 

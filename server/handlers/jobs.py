@@ -23,10 +23,10 @@ from cnnd.v1 import jobs_pb2
 
 WATCH_POLL = 0.5  # seconds between store polls for jobs trained elsewhere
 _KIND = {
-    "snapshot": jobs_pb2.JobEvent.KIND_SNAPSHOT,
-    "state": jobs_pb2.JobEvent.KIND_STATE,
-    "progress": jobs_pb2.JobEvent.KIND_PROGRESS,
-    "epoch": jobs_pb2.JobEvent.KIND_EPOCH,
+    "snapshot": jobs_pb2.WatchJobResponse.KIND_SNAPSHOT,
+    "state": jobs_pb2.WatchJobResponse.KIND_STATE,
+    "progress": jobs_pb2.WatchJobResponse.KIND_PROGRESS,
+    "epoch": jobs_pb2.WatchJobResponse.KIND_EPOCH,
 }
 
 
@@ -121,8 +121,10 @@ def cancel_job(deps: Deps, req: jobs_pb2.CancelJobRequest) -> jobs_pb2.Job:
     return job_message(deps, job)
 
 
-def _event(deps: Deps, kind: str, job: JobRecord, epoch: dict | None = None) -> jobs_pb2.JobEvent:  # type: ignore[type-arg]
-    ev = jobs_pb2.JobEvent(kind=_KIND[kind], job=job_message(deps, job))
+def _event(
+    deps: Deps, kind: str, job: JobRecord, epoch: dict | None = None
+) -> jobs_pb2.WatchJobResponse:  # type: ignore[type-arg]
+    ev = jobs_pb2.WatchJobResponse(kind=_KIND[kind], job=job_message(deps, job))
     ev.time.FromNanoseconds(int(now() * 1e9))
     if epoch is not None:
         ev.epoch.CopyFrom(convert.epoch_to_proto(epoch))
@@ -131,7 +133,7 @@ def _event(deps: Deps, kind: str, job: JobRecord, epoch: dict | None = None) -> 
 
 def watch_job(
     deps: Deps, req: jobs_pb2.WatchJobRequest, active: Callable[[], bool]
-) -> Iterator[jobs_pb2.JobEvent]:
+) -> Iterator[jobs_pb2.WatchJobResponse]:
     """A snapshot first, then live events: from this process's board when the job trains
     here, else from polling the store (the job trains on another replica, or waits)."""
     job = _job(deps, req.job_id)
@@ -161,7 +163,7 @@ def watch_job(
         deps.board.unsubscribe(job.id, sub)
 
 
-def _diff(deps: Deps, old: JobRecord, new: JobRecord) -> Iterator[jobs_pb2.JobEvent]:
+def _diff(deps: Deps, old: JobRecord, new: JobRecord) -> Iterator[jobs_pb2.WatchJobResponse]:
     """Events that turn a polled ``old`` into ``new``."""
     for row in new.history[len(old.history) :]:
         yield _event(deps, "epoch", new, row)

@@ -26,7 +26,7 @@ from cnnd.v1 import tensor_pb2 as cnnd_dot_v1_dot_tensor__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63nnd/v1/datasets.proto\x12\x07\x63nnd.v1\x1a\x14\x63nnd/v1/tensor.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd8\x01\n\x07\x44\x61taset\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0csample_shape\x18\x03 \x03(\x03\x12\x1d\n\x05\x64type\x18\x04 \x01(\x0e\x32\x0e.cnnd.v1.DType\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x03\x12\x14\n\x0csample_count\x18\x06 \x01(\x03\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8d\x01\n\rDatasetHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0csample_shape\x18\x02 \x03(\x03\x12\x1d\n\x05\x64type\x18\x03 \x01(\x0e\x32\x0e.cnnd.v1.DType\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x03\x12\x14\n\x0csample_count\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\"l\n\x14UploadDatasetRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.cnnd.v1.DatasetHeaderH\x00\x12\x10\n\x06images\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06labels\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part\"\'\n\x11GetDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x14ListDatasetsResponse\x12\"\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x10.cnnd.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x14\x44\x65leteDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteDatasetResponseB,\n\x0b\x64\x65v.cnnd.v1P\x01Z\x1b\x63nnd.dev/gen/cnnd/v1;cnndv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x63nnd/v1/datasets.proto\x12\x07\x63nnd.v1\x1a\x14\x63nnd/v1/tensor.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xdb\x01\n\x07\x44\x61taset\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0csample_shape\x18\x03 \x03(\x03\x12 \n\x05\x64type\x18\x04 \x01(\x0e\x32\x11.cnnd.v1.DataType\x12\x13\n\x0bnum_classes\x18\x05 \x01(\x03\x12\x14\n\x0csample_count\x18\x06 \x01(\x03\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12/\n\x0b\x63reate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x90\x01\n\rDatasetHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0csample_shape\x18\x02 \x03(\x03\x12 \n\x05\x64type\x18\x03 \x01(\x0e\x32\x11.cnnd.v1.DataType\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x03\x12\x14\n\x0csample_count\x18\x05 \x01(\x03\x12\x0e\n\x06sha256\x18\x06 \x01(\t\"l\n\x14UploadDatasetRequest\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.cnnd.v1.DatasetHeaderH\x00\x12\x10\n\x06images\x18\x02 \x01(\x0cH\x00\x12\x10\n\x06labels\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part\":\n\x15UploadDatasetResponse\x12!\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x10.cnnd.v1.Dataset\"\'\n\x11GetDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"7\n\x12GetDatasetResponse\x12!\n\x07\x64\x61taset\x18\x01 \x01(\x0b\x32\x10.cnnd.v1.Dataset\"<\n\x13ListDatasetsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x14ListDatasetsResponse\x12\"\n\x08\x64\x61tasets\x18\x01 \x03(\x0b\x32\x10.cnnd.v1.Dataset\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x14\x44\x65leteDatasetRequest\x12\x12\n\ndataset_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteDatasetResponseB,\n\x0b\x64\x65v.cnnd.v1P\x01Z\x1b\x63nnd.dev/gen/cnnd/v1;cnndv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,19 +35,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\013dev.cnnd.v1P\001Z\033cnnd.dev/gen/cnnd/v1;cnndv1'
   _globals['_DATASET']._serialized_start=91
-  _globals['_DATASET']._serialized_end=307
-  _globals['_DATASETHEADER']._serialized_start=310
-  _globals['_DATASETHEADER']._serialized_end=451
-  _globals['_UPLOADDATASETREQUEST']._serialized_start=453
-  _globals['_UPLOADDATASETREQUEST']._serialized_end=561
-  _globals['_GETDATASETREQUEST']._serialized_start=563
-  _globals['_GETDATASETREQUEST']._serialized_end=602
-  _globals['_LISTDATASETSREQUEST']._serialized_start=604
-  _globals['_LISTDATASETSREQUEST']._serialized_end=664
-  _globals['_LISTDATASETSRESPONSE']._serialized_start=666
-  _globals['_LISTDATASETSRESPONSE']._serialized_end=749
-  _globals['_DELETEDATASETREQUEST']._serialized_start=751
-  _globals['_DELETEDATASETREQUEST']._serialized_end=793
-  _globals['_DELETEDATASETRESPONSE']._serialized_start=795
-  _globals['_DELETEDATASETRESPONSE']._serialized_end=818
+  _globals['_DATASET']._serialized_end=310
+  _globals['_DATASETHEADER']._serialized_start=313
+  _globals['_DATASETHEADER']._serialized_end=457
+  _globals['_UPLOADDATASETREQUEST']._serialized_start=459
+  _globals['_UPLOADDATASETREQUEST']._serialized_end=567
+  _globals['_UPLOADDATASETRESPONSE']._serialized_start=569
+  _globals['_UPLOADDATASETRESPONSE']._serialized_end=627
+  _globals['_GETDATASETREQUEST']._serialized_start=629
+  _globals['_GETDATASETREQUEST']._serialized_end=668
+  _globals['_GETDATASETRESPONSE']._serialized_start=670
+  _globals['_GETDATASETRESPONSE']._serialized_end=725
+  _globals['_LISTDATASETSREQUEST']._serialized_start=727
+  _globals['_LISTDATASETSREQUEST']._serialized_end=787
+  _globals['_LISTDATASETSRESPONSE']._serialized_start=789
+  _globals['_LISTDATASETSRESPONSE']._serialized_end=872
+  _globals['_DELETEDATASETREQUEST']._serialized_start=874
+  _globals['_DELETEDATASETREQUEST']._serialized_end=916
+  _globals['_DELETEDATASETRESPONSE']._serialized_start=918
+  _globals['_DELETEDATASETRESPONSE']._serialized_end=941
 # @@protoc_insertion_point(module_scope)

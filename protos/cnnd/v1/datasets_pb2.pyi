@@ -24,13 +24,13 @@ class Dataset(_message.Message):
     id: str
     name: str
     sample_shape: _containers.RepeatedScalarFieldContainer[int]
-    dtype: _tensor_pb2.DType
+    dtype: _tensor_pb2.DataType
     num_classes: int
     sample_count: int
     size_bytes: int
     sha256: str
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., sample_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., num_classes: _Optional[int] = ..., sample_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., sample_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., num_classes: _Optional[int] = ..., sample_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class DatasetHeader(_message.Message):
     __slots__ = ("name", "sample_shape", "dtype", "num_classes", "sample_count", "sha256")
@@ -42,11 +42,11 @@ class DatasetHeader(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     name: str
     sample_shape: _containers.RepeatedScalarFieldContainer[int]
-    dtype: _tensor_pb2.DType
+    dtype: _tensor_pb2.DataType
     num_classes: int
     sample_count: int
     sha256: str
-    def __init__(self, name: _Optional[str] = ..., sample_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., num_classes: _Optional[int] = ..., sample_count: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., sample_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., num_classes: _Optional[int] = ..., sample_count: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class UploadDatasetRequest(_message.Message):
     __slots__ = ("header", "images", "labels")
@@ -58,11 +58,23 @@ class UploadDatasetRequest(_message.Message):
     labels: bytes
     def __init__(self, header: _Optional[_Union[DatasetHeader, _Mapping]] = ..., images: _Optional[bytes] = ..., labels: _Optional[bytes] = ...) -> None: ...
 
+class UploadDatasetResponse(_message.Message):
+    __slots__ = ("dataset",)
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    dataset: Dataset
+    def __init__(self, dataset: _Optional[_Union[Dataset, _Mapping]] = ...) -> None: ...
+
 class GetDatasetRequest(_message.Message):
     __slots__ = ("dataset_id",)
     DATASET_ID_FIELD_NUMBER: _ClassVar[int]
     dataset_id: str
     def __init__(self, dataset_id: _Optional[str] = ...) -> None: ...
+
+class GetDatasetResponse(_message.Message):
+    __slots__ = ("dataset",)
+    DATASET_FIELD_NUMBER: _ClassVar[int]
+    dataset: Dataset
+    def __init__(self, dataset: _Optional[_Union[Dataset, _Mapping]] = ...) -> None: ...
 
 class ListDatasetsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")

@@ -22,22 +22,34 @@ class InferRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("model_id", "version", "logits", "probabilities", "classes", "request_id", "error")
+    __slots__ = ("model_id", "version", "logits", "probabilities", "classes", "request_id")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LOGITS_FIELD_NUMBER: _ClassVar[int]
     PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    ERROR_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     version: int
     logits: _tensor_pb2.Tensor
     probabilities: _tensor_pb2.Tensor
     classes: _containers.RepeatedScalarFieldContainer[int]
     request_id: str
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., probabilities: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class InferStreamRequest(_message.Message):
+    __slots__ = ("request",)
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    request: InferRequest
+    def __init__(self, request: _Optional[_Union[InferRequest, _Mapping]] = ...) -> None: ...
+
+class InferStreamResponse(_message.Message):
+    __slots__ = ("response", "error")
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    response: InferResponse
     error: _status_pb2.Status
-    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., logits: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., probabilities: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., classes: _Optional[_Iterable[int]] = ..., request_id: _Optional[str] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+    def __init__(self, response: _Optional[_Union[InferResponse, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
 class InspectRequest(_message.Message):
     __slots__ = ("model_id", "version", "include_weights", "input", "target_class")

@@ -122,6 +122,12 @@ class TrainRequest(_message.Message):
     initial_version: int
     def __init__(self, model_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., validation_dataset_id: _Optional[str] = ..., validation_fraction: _Optional[float] = ..., epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., sgd: _Optional[_Union[Sgd, _Mapping]] = ..., adam: _Optional[_Union[Adam, _Mapping]] = ..., adamw: _Optional[_Union[AdamW, _Mapping]] = ..., schedule: _Optional[_Union[LrSchedule, _Mapping]] = ..., seed: _Optional[int] = ..., checkpoint_every: _Optional[int] = ..., early_stopping_patience: _Optional[int] = ..., initial_version: _Optional[int] = ...) -> None: ...
 
+class TrainResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
 class JobProgress(_message.Message):
     __slots__ = ("epoch", "epochs", "step", "steps", "loss", "accuracy", "samples_per_second", "eta_seconds", "learning_rate")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +188,12 @@ class GetJobRequest(_message.Message):
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
+class GetJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
 class ListJobsRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "model_id", "state")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -208,32 +220,38 @@ class CancelJobRequest(_message.Message):
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
+class CancelJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
 class WatchJobRequest(_message.Message):
     __slots__ = ("job_id",)
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
-class JobEvent(_message.Message):
+class WatchJobResponse(_message.Message):
     __slots__ = ("kind", "job", "epoch", "time")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
-        KIND_UNSPECIFIED: _ClassVar[JobEvent.Kind]
-        KIND_SNAPSHOT: _ClassVar[JobEvent.Kind]
-        KIND_STATE: _ClassVar[JobEvent.Kind]
-        KIND_PROGRESS: _ClassVar[JobEvent.Kind]
-        KIND_EPOCH: _ClassVar[JobEvent.Kind]
-    KIND_UNSPECIFIED: JobEvent.Kind
-    KIND_SNAPSHOT: JobEvent.Kind
-    KIND_STATE: JobEvent.Kind
-    KIND_PROGRESS: JobEvent.Kind
-    KIND_EPOCH: JobEvent.Kind
+        KIND_UNSPECIFIED: _ClassVar[WatchJobResponse.Kind]
+        KIND_SNAPSHOT: _ClassVar[WatchJobResponse.Kind]
+        KIND_STATE: _ClassVar[WatchJobResponse.Kind]
+        KIND_PROGRESS: _ClassVar[WatchJobResponse.Kind]
+        KIND_EPOCH: _ClassVar[WatchJobResponse.Kind]
+    KIND_UNSPECIFIED: WatchJobResponse.Kind
+    KIND_SNAPSHOT: WatchJobResponse.Kind
+    KIND_STATE: WatchJobResponse.Kind
+    KIND_PROGRESS: WatchJobResponse.Kind
+    KIND_EPOCH: WatchJobResponse.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     JOB_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
-    kind: JobEvent.Kind
+    kind: WatchJobResponse.Kind
     job: Job
     epoch: _models_pb2.EpochMetrics
     time: _timestamp_pb2.Timestamp
-    def __init__(self, kind: _Optional[_Union[JobEvent.Kind, str]] = ..., job: _Optional[_Union[Job, _Mapping]] = ..., epoch: _Optional[_Union[_models_pb2.EpochMetrics, _Mapping]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, kind: _Optional[_Union[WatchJobResponse.Kind, str]] = ..., job: _Optional[_Union[Job, _Mapping]] = ..., epoch: _Optional[_Union[_models_pb2.EpochMetrics, _Mapping]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

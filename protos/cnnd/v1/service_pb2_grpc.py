@@ -45,12 +45,12 @@ class CnndServiceStub:
         self.CreateModel = channel.unary_unary(
                 '/cnnd.v1.CnndService/CreateModel',
                 request_serializer=cnnd_dot_v1_dot_models__pb2.CreateModelRequest.SerializeToString,
-                response_deserializer=cnnd_dot_v1_dot_models__pb2.Model.FromString,
+                response_deserializer=cnnd_dot_v1_dot_models__pb2.CreateModelResponse.FromString,
                 _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/cnnd.v1.CnndService/GetModel',
                 request_serializer=cnnd_dot_v1_dot_models__pb2.GetModelRequest.SerializeToString,
-                response_deserializer=cnnd_dot_v1_dot_models__pb2.Model.FromString,
+                response_deserializer=cnnd_dot_v1_dot_models__pb2.GetModelResponse.FromString,
                 _registered_method=True)
         self.ListModels = channel.unary_unary(
                 '/cnnd.v1.CnndService/ListModels',
@@ -70,17 +70,17 @@ class CnndServiceStub:
         self.ImportModel = channel.stream_unary(
                 '/cnnd.v1.CnndService/ImportModel',
                 request_serializer=cnnd_dot_v1_dot_models__pb2.ImportModelRequest.SerializeToString,
-                response_deserializer=cnnd_dot_v1_dot_models__pb2.Model.FromString,
+                response_deserializer=cnnd_dot_v1_dot_models__pb2.ImportModelResponse.FromString,
                 _registered_method=True)
         self.UploadDataset = channel.stream_unary(
                 '/cnnd.v1.CnndService/UploadDataset',
                 request_serializer=cnnd_dot_v1_dot_datasets__pb2.UploadDatasetRequest.SerializeToString,
-                response_deserializer=cnnd_dot_v1_dot_datasets__pb2.Dataset.FromString,
+                response_deserializer=cnnd_dot_v1_dot_datasets__pb2.UploadDatasetResponse.FromString,
                 _registered_method=True)
         self.GetDataset = channel.unary_unary(
                 '/cnnd.v1.CnndService/GetDataset',
                 request_serializer=cnnd_dot_v1_dot_datasets__pb2.GetDatasetRequest.SerializeToString,
-                response_deserializer=cnnd_dot_v1_dot_datasets__pb2.Dataset.FromString,
+                response_deserializer=cnnd_dot_v1_dot_datasets__pb2.GetDatasetResponse.FromString,
                 _registered_method=True)
         self.ListDatasets = channel.unary_unary(
                 '/cnnd.v1.CnndService/ListDatasets',
@@ -95,12 +95,12 @@ class CnndServiceStub:
         self.Train = channel.unary_unary(
                 '/cnnd.v1.CnndService/Train',
                 request_serializer=cnnd_dot_v1_dot_jobs__pb2.TrainRequest.SerializeToString,
-                response_deserializer=cnnd_dot_v1_dot_jobs__pb2.Job.FromString,
+                response_deserializer=cnnd_dot_v1_dot_jobs__pb2.TrainResponse.FromString,
                 _registered_method=True)
         self.GetJob = channel.unary_unary(
                 '/cnnd.v1.CnndService/GetJob',
                 request_serializer=cnnd_dot_v1_dot_jobs__pb2.GetJobRequest.SerializeToString,
-                response_deserializer=cnnd_dot_v1_dot_jobs__pb2.Job.FromString,
+                response_deserializer=cnnd_dot_v1_dot_jobs__pb2.GetJobResponse.FromString,
                 _registered_method=True)
         self.ListJobs = channel.unary_unary(
                 '/cnnd.v1.CnndService/ListJobs',
@@ -110,12 +110,12 @@ class CnndServiceStub:
         self.CancelJob = channel.unary_unary(
                 '/cnnd.v1.CnndService/CancelJob',
                 request_serializer=cnnd_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
-                response_deserializer=cnnd_dot_v1_dot_jobs__pb2.Job.FromString,
+                response_deserializer=cnnd_dot_v1_dot_jobs__pb2.CancelJobResponse.FromString,
                 _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/cnnd.v1.CnndService/WatchJob',
                 request_serializer=cnnd_dot_v1_dot_jobs__pb2.WatchJobRequest.SerializeToString,
-                response_deserializer=cnnd_dot_v1_dot_jobs__pb2.JobEvent.FromString,
+                response_deserializer=cnnd_dot_v1_dot_jobs__pb2.WatchJobResponse.FromString,
                 _registered_method=True)
         self.Infer = channel.unary_unary(
                 '/cnnd.v1.CnndService/Infer',
@@ -124,8 +124,8 @@ class CnndServiceStub:
                 _registered_method=True)
         self.InferStream = channel.stream_stream(
                 '/cnnd.v1.CnndService/InferStream',
-                request_serializer=cnnd_dot_v1_dot_inference__pb2.InferRequest.SerializeToString,
-                response_deserializer=cnnd_dot_v1_dot_inference__pb2.InferResponse.FromString,
+                request_serializer=cnnd_dot_v1_dot_inference__pb2.InferStreamRequest.SerializeToString,
+                response_deserializer=cnnd_dot_v1_dot_inference__pb2.InferStreamResponse.FromString,
                 _registered_method=True)
         self.Inspect = channel.unary_unary(
                 '/cnnd.v1.CnndService/Inspect',
@@ -257,12 +257,12 @@ def add_CnndServiceServicer_to_server(servicer, server):
             'CreateModel': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateModel,
                     request_deserializer=cnnd_dot_v1_dot_models__pb2.CreateModelRequest.FromString,
-                    response_serializer=cnnd_dot_v1_dot_models__pb2.Model.SerializeToString,
+                    response_serializer=cnnd_dot_v1_dot_models__pb2.CreateModelResponse.SerializeToString,
             ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModel,
                     request_deserializer=cnnd_dot_v1_dot_models__pb2.GetModelRequest.FromString,
-                    response_serializer=cnnd_dot_v1_dot_models__pb2.Model.SerializeToString,
+                    response_serializer=cnnd_dot_v1_dot_models__pb2.GetModelResponse.SerializeToString,
             ),
             'ListModels': grpc.unary_unary_rpc_method_handler(
                     servicer.ListModels,
@@ -282,17 +282,17 @@ def add_CnndServiceServicer_to_server(servicer, server):
             'ImportModel': grpc.stream_unary_rpc_method_handler(
                     servicer.ImportModel,
                     request_deserializer=cnnd_dot_v1_dot_models__pb2.ImportModelRequest.FromString,
-                    response_serializer=cnnd_dot_v1_dot_models__pb2.Model.SerializeToString,
+                    response_serializer=cnnd_dot_v1_dot_models__pb2.ImportModelResponse.SerializeToString,
             ),
             'UploadDataset': grpc.stream_unary_rpc_method_handler(
                     servicer.UploadDataset,
                     request_deserializer=cnnd_dot_v1_dot_datasets__pb2.UploadDatasetRequest.FromString,
-                    response_serializer=cnnd_dot_v1_dot_datasets__pb2.Dataset.SerializeToString,
+                    response_serializer=cnnd_dot_v1_dot_datasets__pb2.UploadDatasetResponse.SerializeToString,
             ),
             'GetDataset': grpc.unary_unary_rpc_method_handler(
                     servicer.GetDataset,
                     request_deserializer=cnnd_dot_v1_dot_datasets__pb2.GetDatasetRequest.FromString,
-                    response_serializer=cnnd_dot_v1_dot_datasets__pb2.Dataset.SerializeToString,
+                    response_serializer=cnnd_dot_v1_dot_datasets__pb2.GetDatasetResponse.SerializeToString,
             ),
             'ListDatasets': grpc.unary_unary_rpc_method_handler(
                     servicer.ListDatasets,
@@ -307,12 +307,12 @@ def add_CnndServiceServicer_to_server(servicer, server):
             'Train': grpc.unary_unary_rpc_method_handler(
                     servicer.Train,
                     request_deserializer=cnnd_dot_v1_dot_jobs__pb2.TrainRequest.FromString,
-                    response_serializer=cnnd_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+                    response_serializer=cnnd_dot_v1_dot_jobs__pb2.TrainResponse.SerializeToString,
             ),
             'GetJob': grpc.unary_unary_rpc_method_handler(
                     servicer.GetJob,
                     request_deserializer=cnnd_dot_v1_dot_jobs__pb2.GetJobRequest.FromString,
-                    response_serializer=cnnd_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+                    response_serializer=cnnd_dot_v1_dot_jobs__pb2.GetJobResponse.SerializeToString,
             ),
             'ListJobs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListJobs,
@@ -322,12 +322,12 @@ def add_CnndServiceServicer_to_server(servicer, server):
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
                     request_deserializer=cnnd_dot_v1_dot_jobs__pb2.CancelJobRequest.FromString,
-                    response_serializer=cnnd_dot_v1_dot_jobs__pb2.Job.SerializeToString,
+                    response_serializer=cnnd_dot_v1_dot_jobs__pb2.CancelJobResponse.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
                     request_deserializer=cnnd_dot_v1_dot_jobs__pb2.WatchJobRequest.FromString,
-                    response_serializer=cnnd_dot_v1_dot_jobs__pb2.JobEvent.SerializeToString,
+                    response_serializer=cnnd_dot_v1_dot_jobs__pb2.WatchJobResponse.SerializeToString,
             ),
             'Infer': grpc.unary_unary_rpc_method_handler(
                     servicer.Infer,
@@ -336,8 +336,8 @@ def add_CnndServiceServicer_to_server(servicer, server):
             ),
             'InferStream': grpc.stream_stream_rpc_method_handler(
                     servicer.InferStream,
-                    request_deserializer=cnnd_dot_v1_dot_inference__pb2.InferRequest.FromString,
-                    response_serializer=cnnd_dot_v1_dot_inference__pb2.InferResponse.SerializeToString,
+                    request_deserializer=cnnd_dot_v1_dot_inference__pb2.InferStreamRequest.FromString,
+                    response_serializer=cnnd_dot_v1_dot_inference__pb2.InferStreamResponse.SerializeToString,
             ),
             'Inspect': grpc.unary_unary_rpc_method_handler(
                     servicer.Inspect,
@@ -376,7 +376,7 @@ class CnndService:
             target,
             '/cnnd.v1.CnndService/CreateModel',
             cnnd_dot_v1_dot_models__pb2.CreateModelRequest.SerializeToString,
-            cnnd_dot_v1_dot_models__pb2.Model.FromString,
+            cnnd_dot_v1_dot_models__pb2.CreateModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -403,7 +403,7 @@ class CnndService:
             target,
             '/cnnd.v1.CnndService/GetModel',
             cnnd_dot_v1_dot_models__pb2.GetModelRequest.SerializeToString,
-            cnnd_dot_v1_dot_models__pb2.Model.FromString,
+            cnnd_dot_v1_dot_models__pb2.GetModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -511,7 +511,7 @@ class CnndService:
             target,
             '/cnnd.v1.CnndService/ImportModel',
             cnnd_dot_v1_dot_models__pb2.ImportModelRequest.SerializeToString,
-            cnnd_dot_v1_dot_models__pb2.Model.FromString,
+            cnnd_dot_v1_dot_models__pb2.ImportModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -538,7 +538,7 @@ class CnndService:
             target,
             '/cnnd.v1.CnndService/UploadDataset',
             cnnd_dot_v1_dot_datasets__pb2.UploadDatasetRequest.SerializeToString,
-            cnnd_dot_v1_dot_datasets__pb2.Dataset.FromString,
+            cnnd_dot_v1_dot_datasets__pb2.UploadDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -565,7 +565,7 @@ class CnndService:
             target,
             '/cnnd.v1.CnndService/GetDataset',
             cnnd_dot_v1_dot_datasets__pb2.GetDatasetRequest.SerializeToString,
-            cnnd_dot_v1_dot_datasets__pb2.Dataset.FromString,
+            cnnd_dot_v1_dot_datasets__pb2.GetDatasetResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -646,7 +646,7 @@ class CnndService:
             target,
             '/cnnd.v1.CnndService/Train',
             cnnd_dot_v1_dot_jobs__pb2.TrainRequest.SerializeToString,
-            cnnd_dot_v1_dot_jobs__pb2.Job.FromString,
+            cnnd_dot_v1_dot_jobs__pb2.TrainResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -673,7 +673,7 @@ class CnndService:
             target,
             '/cnnd.v1.CnndService/GetJob',
             cnnd_dot_v1_dot_jobs__pb2.GetJobRequest.SerializeToString,
-            cnnd_dot_v1_dot_jobs__pb2.Job.FromString,
+            cnnd_dot_v1_dot_jobs__pb2.GetJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -727,7 +727,7 @@ class CnndService:
             target,
             '/cnnd.v1.CnndService/CancelJob',
             cnnd_dot_v1_dot_jobs__pb2.CancelJobRequest.SerializeToString,
-            cnnd_dot_v1_dot_jobs__pb2.Job.FromString,
+            cnnd_dot_v1_dot_jobs__pb2.CancelJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -754,7 +754,7 @@ class CnndService:
             target,
             '/cnnd.v1.CnndService/WatchJob',
             cnnd_dot_v1_dot_jobs__pb2.WatchJobRequest.SerializeToString,
-            cnnd_dot_v1_dot_jobs__pb2.JobEvent.FromString,
+            cnnd_dot_v1_dot_jobs__pb2.WatchJobResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -807,8 +807,8 @@ class CnndService:
             request_iterator,
             target,
             '/cnnd.v1.CnndService/InferStream',
-            cnnd_dot_v1_dot_inference__pb2.InferRequest.SerializeToString,
-            cnnd_dot_v1_dot_inference__pb2.InferResponse.FromString,
+            cnnd_dot_v1_dot_inference__pb2.InferStreamRequest.SerializeToString,
+            cnnd_dot_v1_dot_inference__pb2.InferStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63nnd/v1/tensor.proto\x12\x07\x63nnd.v1\"D\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12\x1d\n\x05\x64type\x18\x02 \x01(\x0e\x32\x0e.cnnd.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"<\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x06tensor\x18\x02 \x01(\x0b\x32\x0f.cnnd.v1.Tensor*B\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x02\x42,\n\x0b\x64\x65v.cnnd.v1P\x01Z\x1b\x63nnd.dev/gen/cnnd/v1;cnndv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x63nnd/v1/tensor.proto\x12\x07\x63nnd.v1\"G\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x03\x12 \n\x05\x64type\x18\x02 \x01(\x0e\x32\x11.cnnd.v1.DataType\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"<\n\x0bNamedTensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x1f\n\x06tensor\x18\x02 \x01(\x0b\x32\x0f.cnnd.v1.Tensor*Q\n\x08\x44\x61taType\x12\x19\n\x15\x44\x41TA_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x44\x41TA_TYPE_FLOAT32\x10\x01\x12\x13\n\x0f\x44\x41TA_TYPE_UINT8\x10\x02\x42,\n\x0b\x64\x65v.cnnd.v1P\x01Z\x1b\x63nnd.dev/gen/cnnd/v1;cnndv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,10 +32,10 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'cnnd.v1.tensor_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\013dev.cnnd.v1P\001Z\033cnnd.dev/gen/cnnd/v1;cnndv1'
-  _globals['_DTYPE']._serialized_start=165
-  _globals['_DTYPE']._serialized_end=231
+  _globals['_DATATYPE']._serialized_start=168
+  _globals['_DATATYPE']._serialized_end=249
   _globals['_TENSOR']._serialized_start=33
-  _globals['_TENSOR']._serialized_end=101
-  _globals['_NAMEDTENSOR']._serialized_start=103
-  _globals['_NAMEDTENSOR']._serialized_end=163
+  _globals['_TENSOR']._serialized_end=104
+  _globals['_NAMEDTENSOR']._serialized_start=106
+  _globals['_NAMEDTENSOR']._serialized_end=166
 # @@protoc_insertion_point(module_scope)
