@@ -23,7 +23,8 @@ from cnnd.core.optim import SGD, Optimizer, Schedule
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the step's update was not applied."""
+    """The loss or its gradient became NaN or infinite; the step's update (weights and
+    batchnorm running statistics) was not applied."""
 
     def __init__(self, epoch: int, step: int) -> None:
         super().__init__(f"non-finite loss at epoch {epoch} step {step}")
@@ -43,6 +44,8 @@ class StepEvent:
     accuracy: float  # running accuracy over the epoch so far
     samples_per_second: float
     lr: float
+    samples: int  # in this step's batch
+    seconds: float  # this step's wall time
 
 
 @dataclass
@@ -181,7 +184,7 @@ def fit(
     checkpoint). When ``should_stop()`` turns true the run returns at the next step boundary
     with ``completed=False``; passing the returned state back, with the same weights and
     optimizer state, resumes it.
-    Raises NonFiniteLossError, before updating, when the loss is NaN or infinite.
+    Raises NonFiniteLossError, before updating, when the loss or a gradient is NaN or infinite.
     """
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
@@ -223,12 +226,22 @@ def fit(
             idx = order[st.step * batch_size : (st.step + 1) * batch_size]
             for i, layer in dropouts:
                 layer.rng = np.random.default_rng([seed, e, st.step, i])
+            buffers = [(b, b.copy()) for layer in model.layers for b in layer.buffers.values()]
             logits = model.forward(as_float(x[idx]), train=True)
             loss, dlogits, correct = softmax_cross_entropy(logits, y[idx])
-            if not math.isfinite(loss):
+            grads = None
+            if math.isfinite(loss):
+                model.backward(dlogits, need_input_grad=False)
+                grads = model.grads()
+            # A finite loss can still come with non-finite gradients (a saturated sigmoid on an
+            # infinite input gives 0 * inf) or running statistics (float32 overflow of the
+            # variance of huge inputs); none of them may reach the model.
+            checked = [] if grads is None else [*grads.values(), *(b for b, _ in buffers)]
+            if grads is None or not all(np.isfinite(a).all() for a in checked):
+                for buf, saved in buffers:  # undo this forward's running-statistics update
+                    buf[...] = saved
                 raise NonFiniteLossError(e + 1, st.step + 1)
-            model.backward(dlogits, need_input_grad=False)
-            optimizer.step(params, model.grads())
+            optimizer.step(params, grads)
             st.loss_sum += loss * len(idx)
             st.correct += correct
             st.seen += len(idx)
@@ -240,6 +253,7 @@ def fit(
                         epoch=e + 1, epochs=epochs, step=st.step, steps=steps,
                         loss=st.loss_sum / st.seen, accuracy=st.correct / st.seen,
                         samples_per_second=len(idx) / dt if dt > 0 else 0.0, lr=optimizer.lr,
+                        samples=len(idx), seconds=dt,
                     )
                 )  # fmt: skip
         val_loss = val_acc = None

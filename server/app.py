@@ -17,6 +17,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,8 +25,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from cnnd.core.warmup import warmup
+from cnnd.server.auth import AuthConfigError, AuthInterceptor, check_bind, load_tokens
 from cnnd.server.config import ServerConfig
 from cnnd.server.deps import Deps
+from cnnd.server.metrics import Metrics, MetricsInterceptor
 from cnnd.server.registry import Registry
 from cnnd.server.servicer import CnndServicer
 from cnnd.server.store.base import Store
@@ -34,6 +37,7 @@ from cnnd.v1 import service_pb2, service_pb2_grpc
 
 log = logging.getLogger("cnnd.server")
 
+STORE_CHECK_SECONDS = 2.0
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["CnndService"].full_name
 
 
@@ -74,6 +78,7 @@ class Server:
     port: int
     extras: list[Any] = field(default_factory=list)  # things with .stop(): metrics, batcher
     _stopped: threading.Event = field(default_factory=threading.Event)
+    _ready: threading.Event = field(default_factory=threading.Event)  # kernels compiled
 
     def start(self) -> None:
         self.grpc_server.start()
@@ -85,9 +90,22 @@ class Server:
         seconds = warmup()
         if self.deps.metrics is not None:
             self.deps.metrics.compile_seconds.set(seconds)
-        if not self.deps.shutting_down.is_set():
-            self.set_serving(True)
-            log.info("kernels ready in %.1f s; SERVING", seconds)
+        log.info("kernels ready in %.1f s", seconds)
+        self._ready.set()
+        self._watch_store()
+
+    def _watch_store(self) -> None:
+        """SERVING while the store answers: a replica that cannot reach its database is taken
+        out of rotation by its readiness probe instead of failing calls."""
+        serving: bool | None = None
+        while not self.deps.shutting_down.is_set():
+            ok = self.deps.store.ping()
+            if ok != serving and not self.deps.shutting_down.is_set():
+                serving = ok
+                self.set_serving(ok)
+                log.log(logging.INFO if ok else logging.WARNING,
+                        "SERVING" if ok else "store unreachable; NOT_SERVING")  # fmt: skip
+            self.deps.shutting_down.wait(STORE_CHECK_SECONDS)
 
     def set_serving(self, serving: bool) -> None:
         status = (
@@ -120,21 +138,51 @@ class Server:
         self._stopped.wait()
 
 
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS when a certificate is configured; mutual TLS when a client CA is too."""
+    if not (config.tls_cert or config.tls_key):
+        if config.tls_client_ca:
+            raise AuthConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise AuthConfigError("TLS needs both --tls-cert and --tls-key")
+    try:
+        key = Path(config.tls_key).read_bytes()
+        cert = Path(config.tls_cert).read_bytes()
+        ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    except OSError as e:
+        raise AuthConfigError(f"cannot read a TLS file: {e}") from e
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
 def create_server(config: ServerConfig) -> tuple[Server, int]:
     """Build (not start) a server for ``config``; returns it and the bound port (``port=0``
-    binds a free one)."""
+    binds a free one). Raises AuthConfigError for an unsafe or broken security setup."""
+    tokens = load_tokens(config.tokens_file)
+    check_bind(config.host, tokens, config.insecure)
+    credentials = server_credentials(config)
     store = open_store(config)
+    metrics = Metrics(store)
+    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
+    if tokens.enabled:
+        interceptors.append(AuthInterceptor(tokens))
     spec_limits = config.limits.spec_limits()
     board = JobBoard()
     registry = Registry(store, spec_limits)
     worker = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     runner = JobRunner(
         store, spec_limits, worker, max_concurrent=config.limits.max_concurrent_jobs,
-        lease_seconds=config.lease_seconds, board=board,
+        lease_seconds=config.lease_seconds, board=board, hooks=metrics,
     )  # fmt: skip
-    deps = Deps(config=config, store=store, registry=registry, runner=runner, board=board)
+    deps = Deps(
+        config=config, store=store, registry=registry, runner=runner, board=board,
+        metrics=metrics,
+    )  # fmt: skip
     grpc_server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="cnnd-rpc"),
+        interceptors=interceptors,
         options=grpc_options(config),
         maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs,
     )
@@ -150,18 +198,34 @@ def create_server(config: ServerConfig) -> tuple[Server, int]:
     address = f"{config.host}:{config.port}"
     if ":" in config.host and not config.host.startswith("["):
         address = f"[{config.host}]:{config.port}"
-    port = grpc_server.add_insecure_port(address)
-    if port == 0:
+    try:
+        if credentials is None:
+            port = grpc_server.add_insecure_port(address)
+        else:
+            port = grpc_server.add_secure_port(address, credentials)
+    except RuntimeError as e:
         store.close()
-        raise OSError(f"could not bind {address}")
+        raise OSError(f"could not bind {address}: {e}") from e
     server = Server(config, grpc_server, deps, health_servicer, port)
+    if config.metrics_port:
+        try:
+            server.extras.append(metrics.serve(config.metrics_host or config.host,
+                                               config.metrics_port))  # fmt: skip
+        except OSError:
+            store.close()
+            raise
     server.set_serving(False)
     return server, port
 
 
 def serve(config: ServerConfig) -> int:
-    """Run until SIGTERM or SIGINT; exit code 0 after a clean drain."""
-    server, _ = create_server(config)
+    """Run until SIGTERM or SIGINT; exit code 0 after a clean drain, 2 when the
+    configuration is refused."""
+    try:
+        server, _ = create_server(config)
+    except (AuthConfigError, OSError, ValueError) as e:
+        log.error("cannot start: %s", e)
+        return 2
     stop = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -45,6 +45,9 @@ from cnnd.server.store.base import (
     LeaseLost,
     Store,
 )
+
+if TYPE_CHECKING:
+    from cnnd.server.metrics import Metrics
 
 log = logging.getLogger("cnnd.jobs")
 
@@ -143,7 +146,7 @@ class JobRunner:
         poll_seconds: float = 1.0,
         board: JobBoard | None = None,
         on_version: Callable[[str, int], None] | None = None,
-        hooks: Any = None,
+        hooks: Metrics | None = None,
     ) -> None:
         self.store = store
         self.limits = limits
@@ -153,7 +156,7 @@ class JobRunner:
         self.poll_seconds = poll_seconds
         self.board = board or JobBoard()
         self.on_version = on_version
-        self.hooks = hooks  # metrics: job_started/job_step/job_epoch/job_finished
+        self.hooks = hooks
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -306,8 +309,7 @@ class JobRunner:
 
         def on_step(ev: StepEvent) -> None:
             nonlocal last_store, last_event, step_ema
-            dt = 1.0 / ev.samples_per_second * cfg["batch_size"] if ev.samples_per_second else 0
-            step_ema = dt if step_ema == 0 else 0.9 * step_ema + 0.1 * dt
+            step_ema = ev.seconds if step_ema == 0 else 0.9 * step_ema + 0.1 * ev.seconds
             left = (ev.epochs - ev.epoch) * ev.steps + (ev.steps - ev.step)
             a.job.progress = {
                 "epoch": ev.epoch, "epochs": ev.epochs, "step": ev.step, "steps": ev.steps,
@@ -316,7 +318,7 @@ class JobRunner:
                 "learning_rate": ev.lr,
             }  # fmt: skip
             if self.hooks:
-                self.hooks.job_step(a.job, ev, dt)
+                self.hooks.job_step(a.job, ev, ev.seconds)
             t = time.monotonic()
             if t - last_event >= PROGRESS_INTERVAL:
                 last_event = t
@@ -330,7 +332,7 @@ class JobRunner:
             a.job.history = [epoch_row(r) for r in st.history]
             self._publish(a, "epoch", row)
             if self.hooks:
-                self.hooks.job_epoch(a.job, row)
+                self.hooks.job_epoch_end(a.job, row)
             last = st.epoch >= cfg["epochs"] or st.stopped_early
             if not last and st.epoch % cfg["checkpoint_every"] == 0:
                 data = checkpoint_bytes(model, optimizer, st)

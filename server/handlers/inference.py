@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -45,7 +46,14 @@ def infer(deps: Deps, req: inference_pb2.InferRequest) -> inference_pb2.InferRes
     if deps.batcher is not None:
         logits = deps.batcher.run(loaded, x)
     else:
+        start = time.perf_counter()
         logits = loaded.model.forward(x, train=False)
+        if deps.metrics is not None:
+            deps.metrics.infer_compute.observe(time.perf_counter() - start)
+            deps.metrics.infer_batch.observe(len(x))
+    if deps.metrics is not None:
+        deps.metrics.infer_requests.labels(loaded.record.id).inc()
+        deps.metrics.infer_samples.labels(loaded.record.id).inc(len(x))
     return convert.infer_response(loaded.record.id, loaded.version, logits, req.request_id)
 
 

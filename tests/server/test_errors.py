@@ -16,10 +16,20 @@ from grpc_status import rpc_status
 from cnnd.client import Client
 from cnnd.v1 import (
     datasets_pb2 as dp,
+)
+from cnnd.v1 import (
     inference_pb2 as ip,
+)
+from cnnd.v1 import (
     jobs_pb2 as jp,
+)
+from cnnd.v1 import (
     models_pb2 as mp,
+)
+from cnnd.v1 import (
     service_pb2_grpc,
+)
+from cnnd.v1 import (
     tensor_pb2 as tp,
 )
 from tests.conftest import SMALL_SPEC
@@ -73,7 +83,7 @@ CASES: list[tuple[str, str, Callable[[], Any], grpc.StatusCode, str]] = [
     ("spec-empty-layer", "CreateModel", lambda: mp.CreateModelRequest(name="x", spec=mp.ModelSpec(input_shape=[1, 8, 8], layers=[mp.Layer()])), C.INVALID_ARGUMENT, "no layer type"),
     ("spec-not-classifier", "CreateModel", lambda: mp.CreateModelRequest(name="x", spec=mp.ModelSpec(input_shape=[1, 8, 8], layers=[mp.Layer(relu=mp.ReLU())])), C.INVALID_ARGUMENT, "class scores"),
     ("get-model-missing", "GetModel", lambda: mp.GetModelRequest(model_id="nope"), C.NOT_FOUND, "no model"),
-    ("get-model-empty", "GetModel", lambda: mp.GetModelRequest(), C.INVALID_ARGUMENT, "model_id is required"),
+    ("get-model-empty", "GetModel", mp.GetModelRequest, C.INVALID_ARGUMENT, "model_id is required"),
     ("list-models-token", "ListModels", lambda: mp.ListModelsRequest(page_token="garbage!"), C.INVALID_ARGUMENT, "page_token"),
     ("list-models-size", "ListModels", lambda: mp.ListModelsRequest(page_size=-1), C.INVALID_ARGUMENT, "page_size"),
     ("delete-model-missing", "DeleteModel", lambda: mp.DeleteModelRequest(model_id="nope"), C.NOT_FOUND, "no model"),
