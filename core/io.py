@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -30,16 +31,32 @@ SPEC_KEY = "__spec__"
 MAX_ARRAYS = 100_000
 
 
-def atomic_write(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` so that the file is either absent/old or complete."""
+def atomic_write(
+    path: str | os.PathLike[str],
+    data: bytes,
+    midway: Callable[[], None] | None = None,
+    before_rename: Callable[[], None] | None = None,
+) -> None:
+    """Write ``data`` to ``path`` so that the file is either absent/old or complete.
+
+    ``midway`` and ``before_rename`` run with half the bytes written, and with all of them
+    synced but not yet renamed; crash tests kill the process there.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            half = len(data) // 2
+            f.write(data[:half])
+            if midway is not None:
+                f.flush()
+                midway()
+            f.write(data[half:])
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

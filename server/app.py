@@ -28,6 +28,7 @@ from cnnd.core.warmup import warmup
 from cnnd.server.auth import AuthConfigError, AuthInterceptor, check_bind, load_tokens
 from cnnd.server.config import ServerConfig
 from cnnd.server.deps import Deps
+from cnnd.server.limiter import ConcurrencyLimiter
 from cnnd.server.metrics import Metrics, MetricsInterceptor
 from cnnd.server.registry import Registry
 from cnnd.server.servicer import CnndServicer
@@ -38,6 +39,7 @@ from cnnd.v1 import service_pb2, service_pb2_grpc
 log = logging.getLogger("cnnd.server")
 
 STORE_CHECK_SECONDS = 2.0
+HEALTH_RESERVE = 8  # worker threads beyond the API's concurrency limit
 SERVICE_NAME = service_pb2.DESCRIPTOR.services_by_name["CnndService"].full_name
 
 
@@ -76,6 +78,7 @@ class Server:
     deps: Deps
     health: health.HealthServicer
     port: int
+    limiter: ConcurrencyLimiter
     extras: list[Any] = field(default_factory=list)  # things with .stop(): metrics, batcher
     _stopped: threading.Event = field(default_factory=threading.Event)
     _ready: threading.Event = field(default_factory=threading.Event)  # kernels compiled
@@ -117,16 +120,19 @@ class Server:
             self.health.set(name, status)
 
     def stop(self, grace: float | None = None) -> bool:
-        """Drain and stop; True when every job checkpointed within the grace period."""
+        """Drain and stop: NOT_SERVING at once and new API calls refused (UNAVAILABLE) while
+        health keeps answering; running jobs checkpoint at their next step and go back to
+        the queue; calls in flight get the rest of the grace period. True when every job
+        checkpointed in time."""
         if self._stopped.is_set():
             return True
         grace = self.config.grace_seconds if grace is None else grace
+        deadline = time.monotonic() + grace
         self.set_serving(False)
         self.deps.shutting_down.set()
-        deadline = time.monotonic() + grace
-        stopped = self.grpc_server.stop(grace)
-        drained = self.deps.runner.drain(max(0.0, deadline - time.monotonic()))
-        stopped.wait(max(0.0, deadline - time.monotonic()))
+        drained = self.deps.runner.drain(grace)
+        self.limiter.wait_idle(max(0.0, deadline - time.monotonic()))
+        self.grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
         for extra in self.extras:
             extra.stop()
         self.deps.store.close()
@@ -165,9 +171,14 @@ def create_server(config: ServerConfig) -> tuple[Server, int]:
     credentials = server_credentials(config)
     store = open_store(config)
     metrics = Metrics(store)
+    # Outermost first: every call is measured, then authenticated, then counted against the
+    # concurrency limit (so unauthenticated floods cannot take the slots).
     interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
     if tokens.enabled:
         interceptors.append(AuthInterceptor(tokens))
+    limit = config.limits.max_concurrent_rpcs
+    limiter = ConcurrencyLimiter(limit)
+    interceptors.append(limiter)
     spec_limits = config.limits.spec_limits()
     board = JobBoard()
     registry = Registry(store, spec_limits)
@@ -178,13 +189,16 @@ def create_server(config: ServerConfig) -> tuple[Server, int]:
     )  # fmt: skip
     deps = Deps(
         config=config, store=store, registry=registry, runner=runner, board=board,
-        metrics=metrics,
+        metrics=metrics, shutting_down=limiter.draining,
     )  # fmt: skip
+    # Threads are made on demand; the pool exceeds the limit so health always finds one, and
+    # gRPC's own cap is a backstop above both.
+    workers = max(config.threads, limit + HEALTH_RESERVE)
     grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="cnnd-rpc"),
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cnnd-rpc"),
         interceptors=interceptors,
         options=grpc_options(config),
-        maximum_concurrent_rpcs=config.limits.max_concurrent_rpcs,
+        maximum_concurrent_rpcs=workers + HEALTH_RESERVE,
     )
     service_pb2_grpc.add_CnndServiceServicer_to_server(CnndServicer(deps), grpc_server)
     health_servicer = health.HealthServicer(
@@ -206,7 +220,7 @@ def create_server(config: ServerConfig) -> tuple[Server, int]:
     except RuntimeError as e:
         store.close()
         raise OSError(f"could not bind {address}: {e}") from e
-    server = Server(config, grpc_server, deps, health_servicer, port)
+    server = Server(config, grpc_server, deps, health_servicer, port, limiter)
     if config.metrics_port:
         try:
             server.extras.append(metrics.serve(config.metrics_host or config.host,

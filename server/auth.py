@@ -25,6 +25,8 @@ from typing import Any
 
 import grpc
 
+from cnnd.server.rpc import rebuild
+
 log = logging.getLogger("cnnd.server")
 
 SERVICE_PREFIX = "/cnnd.v1.CnndService/"
@@ -124,13 +126,7 @@ def _denied(code: grpc.StatusCode, message: str, handler: grpc.RpcMethodHandler)
     def abort(request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(code, message)
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+    return rebuild(handler, abort)
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

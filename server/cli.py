@@ -24,7 +24,7 @@ HELP = {
     "lease_seconds": "job lease; another replica may take over a job this long after its "
     "worker stops renewing",
     "worker_id": "name of this replica in job leases (default: host-pid)",
-    "threads": "RPC worker threads",
+    "threads": "RPC worker threads (default: enough for --max-concurrent-rpcs and health)",
 }
 
 

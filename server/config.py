@@ -28,7 +28,7 @@ class Limits:
     max_infer_batch: int = 4096  # samples per Infer request
     max_concurrent_jobs: int = 1
     max_queued_jobs: int = 100
-    max_concurrent_rpcs: int = 256
+    max_concurrent_rpcs: int = 128  # calls of the API at once; more get RESOURCE_EXHAUSTED
     max_layers: int = 256
 
     def spec_limits(self) -> SpecLimits:
@@ -67,7 +67,7 @@ class ServerConfig:
     grace_seconds: float = 20.0
     lease_seconds: float = 30.0
     worker_id: str = ""
-    threads: int = 16  # RPC worker threads
+    threads: int = 0  # RPC worker threads; at least max_concurrent_rpcs + a few for health
     limits: Limits = field(default_factory=Limits)
     batching: BatchingConfig = field(default_factory=BatchingConfig)
 

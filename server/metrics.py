@@ -32,6 +32,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cnnd.core import StepEvent
+from cnnd.server.rpc import behaviour, rebuild
 from cnnd.server.store.base import JobRecord, Store
 
 LATENCY_BUCKETS = (
@@ -309,12 +310,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             m.handled.labels(*labels, _code(context, failed)).inc()
             m.handling.labels(*labels).observe(time.perf_counter() - start)
 
-        inner = (
-            handler.unary_unary
-            or handler.unary_stream
-            or handler.stream_unary
-            or handler.stream_stream
-        )
+        inner = behaviour(handler)
 
         if not streaming_out:
 
@@ -350,14 +346,4 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
             fn = stream_out
 
-        kind = {
-            (False, False): grpc.unary_unary_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler,
-        }[(streaming_in, streaming_out)]
-        return kind(
-            fn,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return rebuild(handler, fn)

@@ -65,7 +65,7 @@ def infer_stream(
     """One response per request, in order; a failing request answers with its status in
     ``error`` and the stream goes on."""
     for msg in requests:
-        if not active():
+        if not active() or deps.shutting_down.is_set():
             return
         req = msg.request
         try:

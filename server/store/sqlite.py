@@ -38,6 +38,7 @@ from cnnd.server.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from cnnd.server.failpoints import failpoint
 from cnnd.server.store.base import (
     CANCELLED,
     QUEUED,
@@ -342,6 +343,7 @@ class SQLiteStore(Store):
             ).fetchone()[0]
             # The file is complete (fsync + rename) before the row that names it commits.
             atomic_write(self._weights_path(model_id, version), weights)
+            failpoint("version.commit")
             record = VersionRecord(model_id, version, now(), job_id, source, history)
             db.execute(
                 "INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?)",
@@ -601,7 +603,11 @@ class SQLiteStore(Store):
     def put_checkpoint(self, job_id: str, worker: str, data: bytes) -> None:
         with self._write() as db:
             self._check_lease(db, job_id, worker)
-            atomic_write(self._checkpoint_path(job_id), data)
+            atomic_write(
+                self._checkpoint_path(job_id), data,
+                midway=lambda: failpoint("checkpoint.partial"),
+                before_rename=lambda: failpoint("checkpoint.rename"),
+            )  # fmt: skip
 
     def get_checkpoint(self, job_id: str) -> bytes | None:
         path = self._checkpoint_path(job_id)
