@@ -164,8 +164,10 @@ class ReLU(Layer):
         self._y: np.ndarray | None = None
 
     def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
-        self._y = x if self.fused else kernels.relu_forward(x)
-        return self._y
+        # Return the local, not the attribute: inference calls one model from many threads.
+        y = x if self.fused else kernels.relu_forward(x)
+        self._y = y
+        return y
 
     def backward(self, dout: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
         assert self._y is not None, "backward before forward"
@@ -194,8 +196,8 @@ class Tanh(Layer):
         super().__init__()
 
     def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
-        self._y = kernels.tanh_forward(x)
-        return self._y
+        y = self._y = kernels.tanh_forward(x)
+        return y
 
     def backward(self, dout: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
         return kernels.tanh_backward(dout, self._y) if need_dx else None
@@ -208,8 +210,8 @@ class Sigmoid(Layer):
         super().__init__()
 
     def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
-        self._y = kernels.sigmoid_forward(x)
-        return self._y
+        y = self._y = kernels.sigmoid_forward(x)
+        return y
 
     def backward(self, dout: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
         return kernels.sigmoid_backward(dout, self._y) if need_dx else None

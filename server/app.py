@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from cnnd.core.warmup import warmup
 from cnnd.server.auth import AuthConfigError, AuthInterceptor, check_bind, load_tokens
+from cnnd.server.batching import Batcher
 from cnnd.server.config import ServerConfig
 from cnnd.server.deps import Deps
 from cnnd.server.limiter import ConcurrencyLimiter
@@ -187,9 +188,10 @@ def create_server(config: ServerConfig) -> tuple[Server, int]:
         store, spec_limits, worker, max_concurrent=config.limits.max_concurrent_jobs,
         lease_seconds=config.lease_seconds, board=board, hooks=metrics,
     )  # fmt: skip
+    batcher = Batcher(config.batching, metrics) if config.batching.enabled else None
     deps = Deps(
         config=config, store=store, registry=registry, runner=runner, board=board,
-        metrics=metrics, shutting_down=limiter.draining,
+        metrics=metrics, batcher=batcher, shutting_down=limiter.draining,
     )  # fmt: skip
     # Threads are made on demand; the pool exceeds the limit so health always finds one, and
     # gRPC's own cap is a backstop above both.

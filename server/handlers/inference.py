@@ -42,10 +42,11 @@ def decode_input(deps: Deps, loaded: Loaded, t: inference_pb2.InferRequest) -> n
 
 def infer(deps: Deps, req: inference_pb2.InferRequest) -> inference_pb2.InferResponse:
     loaded = deps.registry.load(check_key(req.model_id, "model_id"), req.version)
-    x = decode_input(deps, loaded, req)
     if deps.batcher is not None:
-        logits = deps.batcher.run(loaded, x)
+        with deps.batcher.arriving(loaded) as run:
+            logits = run(decode_input(deps, loaded, req))
     else:
+        x = decode_input(deps, loaded, req)
         start = time.perf_counter()
         logits = loaded.model.forward(x, train=False)
         if deps.metrics is not None:
@@ -53,7 +54,7 @@ def infer(deps: Deps, req: inference_pb2.InferRequest) -> inference_pb2.InferRes
             deps.metrics.infer_batch.observe(len(x))
     if deps.metrics is not None:
         deps.metrics.infer_requests.labels(loaded.record.id).inc()
-        deps.metrics.infer_samples.labels(loaded.record.id).inc(len(x))
+        deps.metrics.infer_samples.labels(loaded.record.id).inc(len(logits))
     return convert.infer_response(loaded.record.id, loaded.version, logits, req.request_id)
 
 

@@ -1,0 +1,163 @@
+"""Dynamic batching of Infer calls, as Triton does it.
+
+Calls for the same model version join one queue; a worker per queue runs them as one forward
+pass of up to ``max_batch_size`` samples and hands each caller its rows. The worker takes what
+is queued at once; it waits up to ``max_queue_delay_us`` for more only while other calls are
+on their way (decoded but not yet queued), so a lone caller never waits and a busy server fills
+its batches. Larger batches amortise the per-call overhead of the engine's kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from cnnd.core import Sequential
+from cnnd.server.config import BatchingConfig
+from cnnd.server.registry import Loaded
+
+log = logging.getLogger("cnnd.batching")
+IDLE_SECONDS = 60.0  # a queue's worker exits after this long without work
+
+
+@dataclass
+class _Request:
+    x: np.ndarray
+    enqueued: float
+    done: threading.Event = field(default_factory=threading.Event)
+    logits: np.ndarray | None = None
+    error: BaseException | None = None
+
+
+class _Queue:
+    """The pending calls of one model version and the thread that runs them."""
+
+    def __init__(self, batcher: Batcher, key: tuple[str, int], model: Sequential) -> None:
+        self.batcher = batcher
+        self.key = key
+        self.model = model
+        self.items: deque[_Request] = deque()
+        self.cond = threading.Condition()
+        self.arriving = 0  # callers between decode and enqueue
+        self.thread = threading.Thread(target=self._work, name=f"cnnd-batch-{key[0]}", daemon=True)
+        self.alive = True
+        self.thread.start()
+
+    def _take(self) -> list[_Request] | None:
+        cfg = self.batcher.config
+        with self.cond:
+            while not self.items:
+                if not self.cond.wait(IDLE_SECONDS) and not self.items:
+                    return None
+            deadline = time.perf_counter() + cfg.max_queue_delay_us / 1e6
+            batch, size = [], 0
+            while True:
+                while self.items and size + len(self.items[0].x) <= cfg.max_batch_size:
+                    r = self.items.popleft()
+                    batch.append(r)
+                    size += len(r.x)
+                if not batch:  # one call larger than the batch limit runs alone
+                    r = self.items.popleft()
+                    return [r]
+                left = deadline - time.perf_counter()
+                full = size >= cfg.max_batch_size or bool(self.items)  # the next one won't fit
+                if full or left <= 0 or self.arriving == 0:
+                    return batch
+                self.cond.wait(left)
+
+    def _work(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                if self.batcher._retire(self):
+                    return
+                continue
+            self._run(batch)
+
+    def _run(self, batch: list[_Request]) -> None:
+        m = self.batcher.metrics
+        start = time.perf_counter()
+        try:
+            x = batch[0].x if len(batch) == 1 else np.concatenate([r.x for r in batch])
+            logits = self.model.forward(x, train=False)
+        except BaseException as e:  # every caller gets the error
+            for r in batch:
+                r.error = e
+                r.done.set()
+            return
+        end = time.perf_counter()
+        if m is not None:
+            m.infer_batch.observe(len(x))
+            m.infer_compute.observe(end - start)
+        row = 0
+        for r in batch:
+            r.logits = logits[row : row + len(r.x)]
+            row += len(r.x)
+            if m is not None:
+                m.infer_queue.observe(start - r.enqueued)
+            r.done.set()
+
+
+class Batcher:
+    def __init__(self, config: BatchingConfig, metrics: Any = None) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._queues: dict[tuple[str, int], _Queue] = {}
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def arriving(self, loaded: Loaded) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
+        """Announce a call before its input is decoded (so that the worker may wait for it);
+        yields ``run(x) -> logits`` for x (N, C, H, W), computed in a batch with other
+        callers' inputs."""
+        key = (loaded.record.id, loaded.version)
+        with self._lock:
+            q = self._queues.get(key)
+            if q is None or not q.alive:
+                q = self._queues[key] = _Queue(self, key, loaded.model)
+            with q.cond:
+                q.arriving += 1
+        queued = False
+
+        def run(x: np.ndarray) -> np.ndarray:
+            nonlocal queued
+            r = _Request(x, time.perf_counter())
+            with q.cond:
+                q.arriving -= 1
+                queued = True
+                q.items.append(r)
+                q.cond.notify()
+            r.done.wait()
+            if r.error is not None:
+                raise r.error
+            assert r.logits is not None
+            return r.logits
+
+        try:
+            yield run
+        finally:
+            if not queued:  # the input was refused before it reached the queue
+                with q.cond:
+                    q.arriving -= 1
+                    q.cond.notify()
+
+    def _retire(self, q: _Queue) -> bool:
+        """An idle worker leaves unless a call arrived meanwhile."""
+        with self._lock, q.cond:
+            if q.items or q.arriving:
+                return False
+            q.alive = False
+            if self._queues.get(q.key) is q:
+                del self._queues[q.key]
+            return True
+
+    def stop(self) -> None:
+        """Nothing to release: workers are daemons and exit when idle."""
