@@ -62,7 +62,7 @@ def start_server(
             try:
                 if c.health() == "SERVING":
                     break
-            except Exception:  # noqa: BLE001  (not up yet)
+            except Exception:  # not up yet
                 pass
             if proc.poll() is not None:
                 raise RuntimeError("the server exited during start-up")
@@ -89,7 +89,7 @@ def _client_proc(target: str, model: str, shape: tuple[int, ...], threads: int, 
                 try:
                     c.infer(model, x)
                     latencies[i].append(time.perf_counter() - t)
-                except Exception:  # noqa: BLE001  (counted, not fatal)
+                except Exception:  # counted, not fatal
                     errors[i] += 1
 
     ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]

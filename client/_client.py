@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cnnd.client._convert import DTYPE_ENUMS, encode_tensor, spec_to_proto
 from cnnd.client._errors import (
     CnndError,
+    DeadlineExceeded,
     InvalidArgument,
     JobFailed,
     Unavailable,
@@ -27,6 +28,7 @@ from cnnd.client._errors import (
 )
 from cnnd.client._progress import JobProgress, byte_bar
 from cnnd.client._types import (
+    JOB_STATES,
     Dataset,
     InferResult,
     Inspection,
@@ -111,9 +113,13 @@ class Client:
     ...     job.wait()
     ...     c.infer(model, x[:8]).classes
 
-    ``token`` is sent as ``authorization: Bearer <token>``; ``tls`` is True (system roots) or
-    a TLS(...) for a private CA and mutual TLS; ``timeout`` is the default deadline of every
-    call in seconds; idempotent calls are retried ``retries`` times on UNAVAILABLE.
+    ``target`` defaults to $CNND_TARGET, then 127.0.0.1:50051. ``token`` (default
+    $CNND_TOKEN) is sent as ``authorization: Bearer <token>``; ``tls`` is True (system roots)
+    or a TLS(...) for a private CA and mutual TLS; ``timeout`` is the default deadline of every
+    unary call in seconds (streams of job events have none). Calls that change nothing (get,
+    list, watch, infer, inspect, export) are retried on UNAVAILABLE up to ``retries`` times
+    (at most 4) with jittered exponential backoff from 0.2 s; calls that create, change or
+    delete something are never retried, so a lost reply cannot make them happen twice.
     """
 
     def __init__(
@@ -175,46 +181,66 @@ class Client:
         finally:
             call.cancel()
 
+    @staticmethod
+    def _guarded(requests: Iterable[Any], failure: list[BaseException]) -> Iterator[Any]:
+        """Requests of a client-streaming call. gRPC swallows an exception raised while it
+        pulls requests (the call fails as "Exception iterating requests!"); this ends the
+        stream cleanly instead and keeps the exception in ``failure`` for the caller."""
+        try:
+            yield from requests
+        except Exception as e:
+            failure.append(e)
+
     # --- health -------------------------------------------------------------------------
-    def health(self, service: str = "") -> str:
+    def health(self, service: str = "", timeout: float | None = None) -> str:
         """ "SERVING" or "NOT_SERVING" (health is open even where the API needs a token)."""
         try:
             r = self._health.Check(
-                health_pb2.HealthCheckRequest(service=service), timeout=self.timeout
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=timeout or self.timeout,
             )
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(r.status)
 
     def wait_until_ready(self, timeout: float = 60.0) -> None:
-        """Block until health is SERVING; Unavailable after ``timeout`` seconds."""
+        """Block until health is SERVING; Unavailable after ``timeout`` seconds (each check
+        gets only the time that is left, so a server that never answers cannot hold it up)."""
         deadline = time.monotonic() + timeout
         last: Exception | None = None
-        while time.monotonic() < deadline:
+        while (left := deadline - time.monotonic()) > 0:
             try:
-                if self.health() == "SERVING":
+                if self.health(timeout=max(left, 0.05)) == "SERVING":
                     return
+                last = None
             except CnndError as e:
                 last = e
-            time.sleep(0.1)
-        raise Unavailable(f"{self.target} was not SERVING after {timeout:.0f} s ({last})")
+            time.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
+        why = f" ({last})" if last else " (it answers NOT_SERVING)"
+        raise Unavailable(f"{self.target} was not SERVING after {timeout:g} s{why}")
 
     # --- models -------------------------------------------------------------------------
     def create_model(self, spec: dict[str, Any], name: str, seed: int = 0) -> Model:
-        """Create a model from a spec dict (see cnnd.core.spec); weights drawn from ``seed``."""
+        """Create a model from a spec dict (see cnnd.core.spec): ``{"input_shape": [C, H, W],
+        "layers": [{"type": "conv2d", ...}, ...]}``, ending in flatten and linear. Its initial
+        weights are drawn from ``seed``; it has no trained version yet (latest_version 0).
+        Never retried (a retry after a lost reply would fail with AlreadyExists)."""
         try:
             proto = spec_to_proto(spec)
-        except ValueError as e:
-            raise InvalidArgument(str(e)) from None
+        except (ValueError, TypeError) as e:
+            raise InvalidArgument(f"spec: {e}") from None
         req = models_pb2.CreateModelRequest(name=name, spec=proto, seed=seed)
         return Model.from_proto(self._call("CreateModel", req).model)
 
     def get_model(self, model: ModelRef) -> Model:
+        """A model (a Model, or an id or name), with its versions and their training history."""
         req = models_pb2.GetModelRequest(model_id=_key(model, Model, "model"))
         return Model.from_proto(self._call("GetModel", req).model)
 
     def list_models(self) -> list[Model]:
-        out, token = [], ""
+        """Every model, oldest first (all pages)."""
+        out: list[Model] = []
+        token = ""
         while True:
             r = self._call("ListModels", models_pb2.ListModelsRequest(page_token=token))
             out += [Model.from_proto(m) for m in r.models]
@@ -222,13 +248,16 @@ class Client:
                 return out
 
     def delete_model(self, model: ModelRef) -> None:
+        """Delete a model with all its versions; NotFound when there is no such model."""
         req = models_pb2.DeleteModelRequest(model_id=_key(model, Model, "model"))
         self._call("DeleteModel", req)
 
     def export_model(
         self, model: ModelRef, path: str | os.PathLike[str], version: int | None = None
     ) -> Path:
-        """Write the model as .npz (PyTorch state_dict names + ``__spec__`` JSON) to path."""
+        """Write a version (default: the latest; a model never trained has its initial
+        weights) as .npz to ``path``: PyTorch state_dict names ("0.weight" (out, in, kh, kw),
+        ...) plus ``__spec__``, the spec as JSON. The file is replaced atomically."""
         req = models_pb2.ExportModelRequest(
             model_id=_key(model, Model, "model"), version=version or 0
         )
@@ -241,7 +270,9 @@ class Client:
         return path
 
     def import_model(self, path: str | os.PathLike[str], name: str) -> Model:
-        """Create a model from an exported .npz; its weights become version 1."""
+        """Create a model named ``name`` from a .npz written by ``export_model`` (or any
+        archive with the same state_dict names and ``__spec__``); its weights become
+        version 1. Never retried."""
         data = Path(path).read_bytes()
 
         def requests() -> Iterator[models_pb2.ImportModelRequest]:
@@ -262,8 +293,11 @@ class Client:
         progress: bool = False,
         chunk_bytes: int = CHUNK_BYTES,
     ) -> Dataset:
-        """Upload images x (N, C, H, W) (or (N, H, W)), float32 or uint8 (scaled to [0, 1]
-        for training), and labels y (N,) in [0, num_classes), streamed in chunks."""
+        """Upload images x (N, C, H, W), or (N, H, W) for one channel, as float32 (other
+        float or int types are converted) or uint8 (scaled to [0, 1] for training), and
+        integer labels y (N,) in [0, num_classes) (default: max(y) + 1), streamed in chunks
+        with a SHA-256 the server checks. ``progress`` draws a byte progress bar on stderr
+        when it is a terminal, one summary line when it is not. Never retried."""
         x = np.asarray(x)
         if x.ndim == 3:
             x = x[:, None]
@@ -302,11 +336,14 @@ class Client:
                 bar.close()
 
     def get_dataset(self, dataset: DatasetRef) -> Dataset:
+        """A dataset (a Dataset, or an id or name)."""
         req = datasets_pb2.GetDatasetRequest(dataset_id=_key(dataset, Dataset, "dataset"))
         return Dataset.from_proto(self._call("GetDataset", req).dataset)
 
     def list_datasets(self) -> list[Dataset]:
-        out, token = [], ""
+        """Every dataset, oldest first (all pages)."""
+        out: list[Dataset] = []
+        token = ""
         while True:
             r = self._call("ListDatasets", datasets_pb2.ListDatasetsRequest(page_token=token))
             out += [Dataset.from_proto(d) for d in r.datasets]
@@ -314,6 +351,7 @@ class Client:
                 return out
 
     def delete_dataset(self, dataset: DatasetRef) -> None:
+        """Delete a dataset; NotFound when there is no such dataset."""
         req = datasets_pb2.DeleteDatasetRequest(dataset_id=_key(dataset, Dataset, "dataset"))
         self._call("DeleteDataset", req)
 
@@ -338,18 +376,22 @@ class Client:
     ) -> Job:
         """Start a training job and return it at once (QUEUED or RUNNING).
 
-        ``optimizer`` is "sgd", "adam" or "adamw" with PyTorch's rules; ``validation`` is a
-        dataset or a fraction held out per class; ``schedule`` is "step" / "cosine" or a dict
-        such as {"kind": "step", "step_size": 5, "gamma": 0.5}; ``patience`` stops after that
-        many epochs without a lower validation loss.
+        ``optimizer`` is "sgd", "adam" or "adamw" with PyTorch's rules (``lr`` defaults to
+        0.01 for SGD, 1e-3 otherwise; ``momentum`` and ``nesterov`` are SGD's); ``validation``
+        is a dataset (object, id or name) or a fraction in (0, 1) held out per class;
+        ``schedule`` is "step" / "cosine" or a dict such as {"kind": "step", "step_size": 5,
+        "gamma": 0.5} or {"kind": "cosine", "t_max": 10, "eta_min": 0.0}; ``patience`` stops
+        after that many epochs without a lower validation loss; ``initial_version`` starts
+        from a trained version's weights instead of the model's initial ones. The finished
+        job's weights become the model's next version. Never retried.
         """
         req = jobs_pb2.TrainRequest(
             model_id=_key(model, Model, "model"), dataset_id=_key(dataset, Dataset, "dataset"),
             epochs=epochs, batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every,
             early_stopping_patience=patience or 0, initial_version=initial_version,
         )  # fmt: skip
-        if isinstance(validation, float):
-            req.validation_fraction = validation
+        if isinstance(validation, float | int) and not isinstance(validation, bool):
+            req.validation_fraction = float(validation)
         elif validation is not None:
             req.validation_dataset_id = _key(validation, Dataset, "validation")
         if optimizer == "sgd":
@@ -369,22 +411,34 @@ class Client:
         if schedule is not None:
             s = {"kind": schedule} if isinstance(schedule, str) else dict(schedule)
             kind = s.pop("kind", None)
-            if kind == "step":
-                req.schedule.step.CopyFrom(jobs_pb2.StepLr(**s))
-            elif kind == "cosine":
-                req.schedule.cosine.CopyFrom(jobs_pb2.CosineLr(**s))
-            elif kind not in (None, "constant"):
-                raise InvalidArgument(f"schedule must be 'step' or 'cosine', got {kind!r}")
+            try:
+                if kind == "step":
+                    req.schedule.step.CopyFrom(jobs_pb2.StepLr(**s))
+                elif kind == "cosine":
+                    req.schedule.cosine.CopyFrom(jobs_pb2.CosineLr(**s))
+                elif kind not in (None, "constant") or s:
+                    raise ValueError("kind must be 'constant', 'step' or 'cosine'")
+            except (ValueError, TypeError) as e:
+                raise InvalidArgument(f"schedule {schedule!r}: {e}") from None
         return Job.from_proto(self._call("Train", req).job, self)
 
     def get_job(self, job: JobRef) -> Job:
+        """A job (a Job or its id) as the server has it now: state, progress, history."""
         req = jobs_pb2.GetJobRequest(job_id=_key(job, Job, "job"))
         return Job.from_proto(self._call("GetJob", req).job, self)
 
     def list_jobs(self, model: ModelRef | None = None, state: str | None = None) -> list[Job]:
-        out, token = [], ""
+        """Jobs, oldest first (all pages); only ``model``'s, or only those in ``state``
+        ("queued", "running", "succeeded", "failed" or "cancelled"), when given."""
+        out: list[Job] = []
+        token = ""
         model_id = _key(model, Model, "model") if model is not None else ""
-        state_enum = jobs_pb2.JobState.Value(f"JOB_STATE_{state.upper()}") if state else 0
+        state_enum = 0
+        if state:
+            if state.upper() not in JOB_STATES:
+                choices = ", ".join(JOB_STATES).lower()
+                raise InvalidArgument(f"state must be one of {choices}; got {state!r}")
+            state_enum = jobs_pb2.JobState.Value(f"JOB_STATE_{state.upper()}")
         while True:
             req = jobs_pb2.ListJobsRequest(page_token=token, model_id=model_id, state=state_enum)
             r = self._call("ListJobs", req)
@@ -393,14 +447,17 @@ class Client:
                 return out
 
     def cancel_job(self, job: JobRef) -> Job:
+        """Ask a QUEUED or RUNNING job to stop (at its next step); FailedPrecondition when it
+        already ended. Returns the job; ``wait()`` on it to see it CANCELLED."""
         req = jobs_pb2.CancelJobRequest(job_id=_key(job, Job, "job"))
         return Job.from_proto(self._call("CancelJob", req).job, self)
 
-    def watch_job(self, job: JobRef) -> Iterator[JobEvent]:
+    def watch_job(self, job: JobRef, timeout: float | None = None) -> Iterator[JobEvent]:
         """Events of a job until it ends: a snapshot first, then state changes, progress (at
-        most every 200 ms) and each epoch's metrics."""
+        most every 200 ms) and each epoch's metrics. No deadline unless ``timeout`` is given
+        (then DeadlineExceeded once it passes)."""
         req = jobs_pb2.WatchJobRequest(job_id=_key(job, Job, "job"))
-        for ev in self._stream("WatchJob", req):
+        for ev in self._stream("WatchJob", req, timeout):
             yield JobEvent.from_proto(ev, self)
 
     def wait_job(
@@ -410,38 +467,63 @@ class Client:
         timeout: float | None = None,
         raise_on_failure: bool = False,
     ) -> Job:
-        """Block until the job ends (reconnecting if the server restarts); the final Job."""
+        """Block until the job ends; return the final Job. ``progress`` draws a live bar on a
+        terminal (stderr), one line per epoch elsewhere. A server that restarts or is briefly
+        unreachable is waited for (Unavailable once it has been unreachable for the client's
+        ``timeout``). TimeoutError after ``timeout`` seconds; JobFailed when the job ends
+        FAILED or CANCELLED and ``raise_on_failure``."""
         job_id = _key(job, Job, "job")
         deadline = None if timeout is None else time.monotonic() + timeout
         display = JobProgress() if progress else None
         backoff = 0.2
+        unreachable_since: float | None = None
         try:
             while True:
+                left = None if deadline is None else max(deadline - time.monotonic(), 0.01)
+                news = False
                 try:
-                    for ev in self.watch_job(job_id):
-                        if display is not None:
-                            display.update(ev)
-                        if deadline is not None and time.monotonic() > deadline:
-                            break
-                        backoff = 0.2
+                    try:
+                        for ev in self.watch_job(job_id, left):
+                            if display is not None:
+                                display.update(ev)
+                            news = news or ev.kind != "snapshot"
+                    except DeadlineExceeded:
+                        pass  # our own deadline: the job's state decides below
+                    final = self.get_job(job_id)
+                    unreachable_since = None
                 except Unavailable:
-                    time.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                final = self.get_job(job_id)
-                if final.done:
+                    now = time.monotonic()
+                    unreachable_since = unreachable_since or now
+                    if now - unreachable_since > self.timeout:
+                        raise
+                    final = None
+                if final is not None and final.done:
+                    if display is not None:
+                        display.finish(final)
                     if raise_on_failure and final.state != "SUCCEEDED":
                         raise JobFailed(f"job {final.id} {final.state}: {final.failure_reason}")
                     return final
-                if deadline is not None and time.monotonic() > deadline:
-                    raise TimeoutError(f"job {job_id} is still {final.state} after {timeout} s")
+                if deadline is not None and time.monotonic() >= deadline:
+                    state = final.state if final is not None else "unknown (server unreachable)"
+                    raise TimeoutError(f"job {job_id} is still {state} after {timeout} s")
+                # The stream ended early (the server restarts or drains): back off unless it
+                # brought news, so a draining server is not asked in a tight loop.
+                if news:
+                    backoff = 0.2
+                    continue
+                left = None if deadline is None else deadline - time.monotonic()
+                time.sleep(backoff if left is None else max(min(backoff, left), 0.0))
+                backoff = min(backoff * 2, 5.0)
         finally:
             if display is not None:
                 display.close()
 
     # --- inference ----------------------------------------------------------------------
     def infer(self, model: ModelRef, x: np.ndarray, version: int | None = None) -> InferResult:
-        """Logits, probabilities and top-1 classes for x (N, C, H, W) or one sample (C, H, W),
-        float32 or uint8, from ``version`` (default: the latest)."""
+        """Classify x (N, C, H, W), or one sample (C, H, W), float32 or uint8, with the model's
+        ``version`` (default: the latest; FailedPrecondition if it was never trained). The
+        result holds logits and probabilities (N, classes) and classes (N,); N is 1 for one
+        sample."""
         req = self._infer_request(model, x, version)
         return InferResult.from_proto(self._call("Infer", req))
 
@@ -452,25 +534,36 @@ class Client:
         x = np.asarray(x)
         if x.ndim == 3:
             x = x[None]
+        try:
+            tensor = encode_tensor(x)
+        except (ValueError, TypeError) as e:
+            raise InvalidArgument(f"input must be numbers, got {x.dtype}: {e}") from None
         return inference_pb2.InferRequest(
             model_id=_key(model, Model, "model"), version=version or 0,
-            input=encode_tensor(x), request_id=request_id,
+            input=tensor, request_id=request_id,
         )  # fmt: skip
 
     def infer_stream(
         self, model: ModelRef, inputs: Iterable[np.ndarray], version: int | None = None
     ) -> Iterator[InferResult | CnndError]:
-        """Many inputs over one bidirectional stream, results in order. A failing input yields
-        its CnndError in its place and the stream goes on."""
+        """Many inputs (each (N, C, H, W) or (C, H, W)) over one bidirectional stream, sent
+        as ``inputs`` yields them; results in order. An input the server refuses yields its
+        CnndError in its place and the stream goes on; an exception raised while producing
+        the inputs (by ``inputs`` itself, or a bad model reference) is raised after the
+        results of the inputs before it."""
+        key = _key(model, Model, "model")
         requests = (
-            inference_pb2.InferStreamRequest(request=self._infer_request(model, x, version, str(i)))
+            inference_pb2.InferStreamRequest(request=self._infer_request(key, x, version, str(i)))
             for i, x in enumerate(inputs)
         )
-        for r in self._stream("InferStream", requests):
+        failure: list[BaseException] = []
+        for r in self._stream("InferStream", self._guarded(requests, failure)):
             if r.error.code:
                 yield from_status(r.error.code, r.error.message)
             else:
                 yield InferResult.from_proto(r.response)
+        if failure:
+            raise failure[0]
 
     def inspect(
         self,
@@ -480,16 +573,22 @@ class Client:
         target_class: int | None = None,
         include_weights: bool = False,
     ) -> Inspection:
-        """Layers, parameter statistics and training history of a version; with ``input``
-        (one sample, (C, H, W) or (1, C, H, W)) also every layer's feature maps and the
-        saliency map dL/dx of ``target_class`` (default: the predicted class)."""
+        """Layers, parameter statistics and training history of a version (default: the
+        latest, or the initial weights of a model never trained); its weights (state_dict
+        names and shapes) too with ``include_weights``. With
+        ``input`` (one sample, (C, H, W) or (1, C, H, W)) also every layer's feature maps
+        (1, ...) keyed "3.conv2d", the logits (1, classes) and the saliency map dL/dx
+        (1, C, H, W) of ``target_class`` (default: the predicted class)."""
         req = inference_pb2.InspectRequest(
             model_id=_key(model, Model, "model"), version=version or 0,
             include_weights=include_weights,
         )  # fmt: skip
         if input is not None:
             x = np.asarray(input)
-            req.input.CopyFrom(encode_tensor(x[None] if x.ndim == 3 else x))
+            try:
+                req.input.CopyFrom(encode_tensor(x[None] if x.ndim == 3 else x))
+            except (ValueError, TypeError) as e:
+                raise InvalidArgument(f"input must be numbers, got {x.dtype}: {e}") from None
         if target_class is not None:
             req.target_class = target_class
         return Inspection.from_proto(self._call("Inspect", req))

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cnnd.client._convert import DTYPE_NAMES, decode_tensor, spec_from_proto
@@ -16,7 +17,29 @@ from cnnd.v1 import datasets_pb2, inference_pb2, jobs_pb2, models_pb2
 if TYPE_CHECKING:
     from cnnd.client._client import Client
 
+JOB_STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+def message_dict(msg: Message) -> dict[str, Any]:
+    """The fields of a message that are set, as plain Python values: int64 stays an int and
+    enums become their names (json_format would make int64 strings)."""
+    out: dict[str, Any] = {}
+
+    def plain(fd: Any, v: Any) -> Any:
+        if isinstance(v, Message):
+            return message_dict(v)
+        if fd.enum_type is not None:
+            value = fd.enum_type.values_by_number.get(v)
+            return value.name if value is not None else v
+        return v
+
+    for fd, value in msg.ListFields():
+        if isinstance(value, Message | str | bytes | int | float):
+            out[fd.name] = plain(fd, value)
+        else:  # a repeated field
+            out[fd.name] = [plain(fd, v) for v in value]
+    return out
 
 
 def _time(ts: Timestamp, present: bool = True) -> datetime | None:
@@ -173,13 +196,11 @@ class Job:
     created: datetime | None
     started: datetime | None
     ended: datetime | None
-    config: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # the TrainRequest's fields that are set
     _client: Client | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_proto(cls, j: jobs_pb2.Job, client: Client | None = None) -> Job:
-        from google.protobuf import json_format
-
         return cls(
             id=j.id,
             model_id=j.model_id,
@@ -194,7 +215,7 @@ class Job:
             created=_time(j.create_time, j.HasField("create_time")),
             started=_time(j.start_time, j.HasField("start_time")),
             ended=_time(j.end_time, j.HasField("end_time")),
-            config=json_format.MessageToDict(j.request, preserving_proto_field_name=True),
+            config=message_dict(j.request),
             _client=client,
         )
 

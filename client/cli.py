@@ -17,7 +17,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, is_dataclass
+from dataclasses import fields, is_dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -45,6 +45,8 @@ HINTS: dict[type[errors.CnndError], str] = {
     errors.Unauthenticated: "pass a token with --token or CNND_TOKEN",
     errors.PermissionDenied: "this token's role may not do that; use an admin token",
     errors.NotFound: "list what exists with `cnnd models list` / `cnnd datasets list`",
+    errors.DeadlineExceeded: "the server did not answer in time; is --target a cnnd server? "
+    "raise --timeout for slow calls",
 }
 
 
@@ -56,9 +58,14 @@ class CliError(Exception):
 
 
 def _plain(value: Any) -> Any:
+    """JSON-ready data. Dataclasses go field by field (not ``asdict``, which deep-copies
+    every value, such as the Client a Job keeps in ``_client``); private fields are left out."""
     if is_dataclass(value) and not isinstance(value, type):
-        d = {k: v for k, v in asdict(value).items() if not k.startswith("_")}
-        return _plain(d)
+        return {
+            f.name: _plain(getattr(value, f.name))
+            for f in fields(value)
+            if not f.name.startswith("_")
+        }
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items() if not str(k).startswith("_")}
     if isinstance(value, list | tuple):
@@ -296,7 +303,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
             c.delete_model(args.id)
         else:
             c.delete_dataset(args.id)
-    if not args.json:
+    if args.json:
+        print(json.dumps({"deleted": args.what, "id": args.id}))
+    else:
         print(f"deleted {args.what} {args.id}")
     return 0
 
@@ -389,6 +398,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.render and not Path(args.render).parent.is_dir():
+        raise CliError(f"cannot write {args.render}: no such directory {Path(args.render).parent}")
     x = None
     if args.input:
         x = pick(load_arrays(args.input), ("x", "images", "X"), args.input)
@@ -416,8 +427,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    out = Path(args.output)
+    if not out.parent.is_dir():
+        raise CliError(f"cannot write {args.output}: no such directory {out.parent}")
     with _client(args) as c:
-        path = c.export_model(args.model, args.output, version=args.version)
+        path = c.export_model(args.model, out, version=args.version)
     print(json.dumps({"path": str(path)}) if args.json else f"exported to {path}")
     return 0
 

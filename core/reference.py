@@ -203,7 +203,7 @@ def linear_backward(
 
 
 def relu_forward(x: np.ndarray) -> np.ndarray:
-    return np.where(x > 0, x, 0).astype(x.dtype)
+    return np.where(x <= 0, 0, x).astype(x.dtype)  # max(x, 0), NaN propagating
 
 
 def relu_backward(dout: np.ndarray, x: np.ndarray) -> np.ndarray:

@@ -20,14 +20,14 @@ PARALLEL_MIN = 1 << 16
 def _relu_p(x, out):
     for i in prange(x.size):
         v = x[i]
-        out[i] = v if v > 0 else 0
+        out[i] = 0 if v <= 0 else v  # NaN passes through, as in PyTorch
 
 
 @njit(nogil=True, cache=True)
 def _relu_s(x, out):
     for i in range(x.size):
         v = x[i]
-        out[i] = v if v > 0 else 0
+        out[i] = 0 if v <= 0 else v  # NaN passes through, as in PyTorch
 
 
 @njit(nogil=True, cache=True, parallel=True)

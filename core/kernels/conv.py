@@ -106,7 +106,7 @@ def _conv2d_forward(x, w, bias, sh, sw, ph, pw, relu, out, threads):
                 if relu:
                     for i in range(OH * OW):
                         v = yk[i] + bk
-                        yk[i] = v if v > 0 else 0
+                        yk[i] = 0 if v <= 0 else v  # NaN passes through, as in PyTorch
                 else:
                     for i in range(OH * OW):
                         yk[i] += bk

@@ -657,7 +657,7 @@ class PostgresStore(Store):
         with self._tx() as conn:
             row = conn.execute(
                 "WITH pick AS (SELECT id AS pick_id FROM jobs WHERE state = %s"
-                " OR (state = %s)"
+                " OR (state = %s AND lease_expires < now())"
                 " ORDER BY seq LIMIT 1 FOR UPDATE SKIP LOCKED)"
                 " UPDATE jobs SET state = %s, lease_owner = %s,"
                 " lease_expires = now() + make_interval(secs => %s), attempts = attempts + 1,"
