@@ -23,6 +23,11 @@ def _default_cache_dir() -> str:
 
 os.environ.setdefault("NUMBA_THREADING_LAYER", "omp")
 os.environ.setdefault("NUMBA_CACHE_DIR", _default_cache_dir())
+# Idle OpenMP threads sleep instead of spinning. Spinning wins on an idle machine by a few
+# microseconds per parallel region, but when other processes (or a training job beside
+# inference) hold the cores, spinning threads wait for descheduled ones: measured here, LeNet-5
+# training at batch 1 fell from ~1,000 to ~60 samples/s under a load average of 3.5.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numba  # noqa: E402  (configured through the environment above)
 
@@ -40,7 +45,10 @@ def _limit_blas_threads() -> None:
     from threadpoolctl import ThreadpoolController
 
     blas = ThreadpoolController().select(user_api="blas").lib_controllers
-    scipy_blas = [lib for lib in blas if "scipy" in lib.filepath] or blas
+    # NumPy's wheel ships its own OpenBLAS (numpy.libs/libscipy_openblas64_*), which stays
+    # multi-threaded for the caller's own matrix products; limit only SciPy's copy, unless
+    # both are one system library.
+    scipy_blas = [lib for lib in blas if "numpy" not in lib.filepath] or blas
     for lib in scipy_blas:
         lib.set_num_threads(1)
 
