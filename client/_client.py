@@ -549,8 +549,8 @@ class Client:
         """Many inputs (each (N, C, H, W) or (C, H, W)) over one bidirectional stream, sent
         as ``inputs`` yields them; results in order. An input the server refuses yields its
         CnndError in its place and the stream goes on; an exception raised while producing
-        the inputs (by ``inputs`` itself, or a bad model reference) is raised after the
-        results of the inputs before it."""
+        the requests (by ``inputs`` itself, or InvalidArgument for an input that is not
+        numbers) is raised after the results of the inputs before it."""
         key = _key(model, Model, "model")
         requests = (
             inference_pb2.InferStreamRequest(request=self._infer_request(key, x, version, str(i)))

@@ -230,6 +230,10 @@ def load_arrays(path: str) -> dict[str, np.ndarray]:
     p = Path(path)
     if not p.is_file():
         raise CliError(f"no such file: {path}")
+    with p.open("rb") as f:
+        magic = f.read(6)
+    if magic[:4] != b"PK\x03\x04" and magic != b"\x93NUMPY":  # zip (.npz) or .npy
+        raise CliError(f"{path}: not a .npy/.npz file (numpy.save / numpy.savez write them)")
     try:
         if p.suffix == ".npy":
             return {"x": np.load(p, allow_pickle=False)}
@@ -404,7 +408,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.input:
         x = pick(load_arrays(args.input), ("x", "images", "X"), args.input)
         if x.ndim == 4:
+            if not 0 <= args.sample < len(x):
+                raise CliError(f"--sample {args.sample}: {args.input} holds {len(x)} samples")
             x = x[args.sample : args.sample + 1]
+        elif x.ndim == 3:
+            x = x[None]  # one (C, H, W) sample
     with _client(args) as c:
         ins = c.inspect(
             args.model,
@@ -474,7 +482,10 @@ def _connection_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(serve_flags: bool = True) -> argparse.ArgumentParser:
+    """The whole command line. ``serve_flags=False`` leaves out the flags of `cnnd serve`,
+    whose definitions import the engine (Numba, SciPy): `main` does that for every other
+    command, so that `cnnd models list` and friends start in a fraction of the time."""
     parser = argparse.ArgumentParser(
         prog="cnnd",
         description="Train and serve small convolutional networks.",
@@ -489,9 +500,11 @@ def build_parser() -> argparse.ArgumentParser:
             _connection_flags(p)
         return p
 
-    from cnnd.server.cli import add_serve_flags
+    serve = add("serve", cmd_serve, "run the server", conn=False)
+    if serve_flags:
+        from cnnd.server.cli import add_serve_flags
 
-    add_serve_flags(add("serve", cmd_serve, "run the server", conn=False))
+        add_serve_flags(serve)
 
     p = add("demo", cmd_demo, "train on the digits data set and serve it, in one command")
     p.add_argument("--epochs", type=int, default=30)
@@ -579,7 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(serve_flags=bool(argv) and argv[0] == "serve")
     args = parser.parse_args(argv)
     try:
         return int(args.fn(args))

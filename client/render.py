@@ -14,6 +14,12 @@ from cnnd.client._types import Inspection
 
 
 def render_inspection(ins: Inspection, path: str | Path, x: np.ndarray | None = None) -> Path:
+    """Draw ``ins`` to the PNG ``path`` (returned): the input ``x`` ((C, H, W) or
+    (1, C, H, W)) when given, the first conv layer's kernels (include_weights=True), its
+    feature maps and the saliency map (an Inspection made with an input)."""
+    if x is not None:
+        x = np.asarray(x)
+        x = x[None] if x.ndim == 3 else x
     try:
         import matplotlib
 

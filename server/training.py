@@ -348,6 +348,10 @@ class JobRunner:
             )  # fmt: skip
             if result.completed:
                 weights = npz_bytes(model_arrays(model))
+                # add_version is not fenced: confirm (and extend) the lease right before it, so
+                # a worker whose job another replica took over publishes no second version.
+                if not self.store.renew_lease(job.id, self.worker, self.lease_seconds):
+                    raise LeaseLost(f"{self.worker} no longer holds job {job.id}")
                 version = self.store.add_version(
                     job.model_id, weights, job.id, "train", a.job.history
                 )

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import psycopg
 from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row, tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -46,6 +47,7 @@ from cnnd.server.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from cnnd.server.failpoints import failpoint
 from cnnd.server.store.base import (
     CANCELLED,
     QUEUED,
@@ -163,6 +165,25 @@ _JOB_COLUMNS = (
     " result_version, create_time, start_time, end_time, attempts, lease_owner,"
     " COALESCE(extract(epoch FROM lease_expires)::float8, 0) AS lease_expires, cancel_requested"
 )
+
+
+# Connection settings unless the URL sets them: fail fast on a dead or unreachable server
+# (keepalives and tcp_user_timeout end calls on a silently dropped connection in ~10 s instead
+# of the minutes TCP would wait), so readiness turns NOT_SERVING instead of hanging.
+CONNECTION_DEFAULTS = {
+    "connect_timeout": "5",
+    "application_name": "cnnd",
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "10000",
+}
+
+
+def _connection_kwargs(url: str) -> dict[str, Any]:
+    given = conninfo_to_dict(url)
+    return {k: v for k, v in CONNECTION_DEFAULTS.items() if k not in given}
 
 
 def _unavailable(e: Exception) -> Unavailable:
@@ -356,11 +377,12 @@ class PostgresStore(Store):
 
     def __init__(self, url: str, min_connections: int = 1, max_connections: int = 10) -> None:
         self.url = url
+        self._kwargs = _connection_kwargs(url)
         self._closed = threading.Event()
         self._migrate(self._connect_at_start())
         self._pool: ConnectionPool[psycopg.Connection[dict[str, Any]]] = ConnectionPool(
             url,
-            kwargs={"row_factory": dict_row, "connect_timeout": 5, "application_name": "cnnd"},
+            kwargs={"row_factory": dict_row, **self._kwargs},
             min_size=min_connections,
             max_size=max_connections,
             timeout=POOL_TIMEOUT,
@@ -373,9 +395,8 @@ class PostgresStore(Store):
     def _connect(self, autocommit: bool = False) -> psycopg.Connection[dict[str, Any]]:
         try:
             return psycopg.connect(
-                self.url, autocommit=autocommit, row_factory=dict_row, connect_timeout=5,
-                application_name="cnnd",
-            )  # fmt: skip
+                self.url, autocommit=autocommit, row_factory=dict_row, **self._kwargs
+            )
         except psycopg.OperationalError as e:
             raise _unavailable(e) from e
 
@@ -505,6 +526,7 @@ class PostgresStore(Store):
             ).fetchone()
             version = int(row["v"])  # type: ignore[index]
             _insert_chunks(conn, _model_owner(model_id), f"v{version}", weights)
+            failpoint("version.commit")  # a crash here rolls the weights back with the row
             r = conn.execute(
                 "INSERT INTO versions (model_id, version, create_time, job_id, source, history,"
                 f" size_bytes) VALUES (%s, %s, {_EPOCH_NOW}, %s, %s, %s, %s) RETURNING *",
@@ -786,6 +808,7 @@ class PostgresStore(Store):
                 raise LeaseLost(f"{worker} no longer holds job {job_id}")
             conn.execute("DELETE FROM blobs WHERE owner = %s", (owner,))
             _insert_chunks(conn, owner, "", data)
+            failpoint("checkpoint.partial")  # a crash here keeps the previous checkpoint
             conn.execute(
                 "INSERT INTO checkpoints (job_id, worker, size_bytes, create_time)"
                 f" VALUES (%s, %s, %s, {_EPOCH_NOW}) ON CONFLICT (job_id) DO UPDATE"
