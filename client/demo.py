@@ -69,6 +69,14 @@ def local_server(data_dir: str | None) -> Iterator[str]:
             server.stop(5)
 
 
+def _free_suffix(c: Client) -> str:
+    """ "" the first time on a server (so the model is plainly "digits-cnn"), else a time."""
+    names = {m.name for m in c.list_models()} | {d.name for d in c.list_datasets()}
+    if not names & {"digits-cnn", "digits-train", "digits-test"}:
+        return ""
+    return "-" + time.strftime("%Y%m%d-%H%M%S")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
@@ -80,12 +88,12 @@ def run_demo(args: argparse.Namespace) -> int:
         c.wait_until_ready(120)
         print(f"server {target} is SERVING")
         x_train, y_train, x_test, y_test = load_digits_split()
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        train = c.upload_dataset(x_train, y_train, name=f"digits-train-{stamp}", num_classes=10)
-        test = c.upload_dataset(x_test, y_test, name=f"digits-test-{stamp}", num_classes=10)
+        suffix = _free_suffix(c)
+        train = c.upload_dataset(x_train, y_train, name=f"digits-train{suffix}", num_classes=10)
+        test = c.upload_dataset(x_test, y_test, name=f"digits-test{suffix}", num_classes=10)
         print(f"uploaded {train.name} ({train.sample_count} images) and {test.name} "
               f"({test.sample_count})")  # fmt: skip
-        model = c.create_model(SPEC, name=f"digits-cnn-{stamp}", seed=0)
+        model = c.create_model(SPEC, name=f"digits-cnn{suffix}", seed=0)
         print(f"created {model.name}: {model.parameter_count:,} parameters\n")
         job = c.train(
             model, train, epochs=args.epochs, batch_size=32, optimizer="adam", lr=2e-3,

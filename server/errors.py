@@ -94,6 +94,9 @@ def internal_status(error_id: str) -> status_pb2.Status:
 
 
 def _abort(context: grpc.ServicerContext, error: BaseException, method: str) -> None:
+    if not context.is_active():  # the client went away (cancelled, deadline): nothing to answer
+        log.info("rpc cancelled by the client", extra={"method": method})
+        return
     if isinstance(error, SpecError):
         error = InvalidArgument(str(error), f"spec.{error.field}")
     if isinstance(error, ServiceError):

@@ -35,6 +35,7 @@ from cnnd.core import (
 )
 from cnnd.core.io import npz_bytes
 from cnnd.core.optim import Optimizer
+from cnnd.server.errors import Unavailable
 from cnnd.server.store.base import (
     CANCELLED,
     FAILED,
@@ -372,6 +373,10 @@ class JobRunner:
                 log.warning("job %s: lease lost; another worker continues it", job.id)
         except LeaseLost:
             log.warning("job %s: lease lost; another worker continues it", job.id)
+        except Unavailable as e:
+            # The store is unreachable: the job is not at fault. Stop; its lease expires and
+            # it is claimed again (here or elsewhere) once the store answers.
+            log.warning("job %s stopped: store unavailable (%s); it will be resumed", job.id, e)
         except NonFiniteLossError as e:
             self._safe_finish(a, FAILED, f"{e}; the last finite checkpoint is kept")
         except Exception as e:

@@ -294,30 +294,10 @@ def test_readme_request_body_is_256_zero_bytes() -> None:
     assert base64.b64decode(body["input"]["data"]) == bytes(256)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason='README bug: its request says "dtype": "DTYPE_FLOAT32"; the enum value is '
-    "DATA_TYPE_FLOAT32 (protos/cnnd/v1/tensor.proto), so buf curl (and grpcurl) refuse it: "
-    '"invalid value for enum field dtype"',
-)
 def test_readme_infer_request_through_buf_curl(buf: str, digits_cnn: Any, tmp_path: Path) -> None:
-    r = buf_curl_infer(readme_request_body(), digits_cnn.target, tmp_path)
-    known = 'invalid value for enum field dtype: "DTYPE_FLOAT32"'
-    if r.returncode != 0 and known not in r.stderr:  # not the known README bug: a real failure
-        raise RuntimeError(f"buf curl failed: {r.stderr}")
-    check_infer_reply(r, digits_cnn.target)
-
-
-def test_infer_through_buf_curl_with_the_enum_name_fixed(
-    buf: str, digits_cnn: Any, tmp_path: Path
-) -> None:
-    """The same request with only the dtype's enum name corrected works end to end."""
-    body = readme_request_body()
-    fixed = body.replace('"DTYPE_FLOAT32"', '"DATA_TYPE_FLOAT32"')
-    assert json.loads(fixed) == {**json.loads(body), "input": {
-        **json.loads(body)["input"], "dtype": "DATA_TYPE_FLOAT32"}}  # fmt: skip
-    check_infer_reply(buf_curl_infer(fixed, digits_cnn.target, tmp_path), digits_cnn.target)
+    """The README's exact request body, through buf curl and server reflection."""
+    check_infer_reply(buf_curl_infer(readme_request_body(), digits_cnn.target, tmp_path),
+                      digits_cnn.target)  # fmt: skip
 
 
 def test_every_method_is_reachable_by_reflection(buf: str, digits_cnn: Any) -> None:
