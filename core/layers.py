@@ -59,6 +59,8 @@ class Conv2d(Layer):
             self.params["bias"] = np.zeros(k, dtype=np.float32)
         self.fuse_relu = False  # set by Sequential when a ReLU follows; see Sequential._fuse
         self._x: np.ndarray | None = None
+        self._y: np.ndarray | None = None  # output, kept for the fused ReLU's derivative
+        self.workspace = kernels.Workspace()
 
     def reset_parameters(self, rng: np.random.Generator) -> None:
         w = self.params["weight"]
@@ -68,17 +70,19 @@ class Conv2d(Layer):
             self.params["bias"][:] = _kaiming_uniform(rng, self.params["bias"].shape, fan_in)
 
     def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
-        self._x = x
-        return kernels.conv2d_forward(
+        y = kernels.conv2d_forward(
             x, self.params["weight"], self.params.get("bias"), self.stride, self.padding,
-            relu=self.fuse_relu,
+            relu=self.fuse_relu, workspace=self.workspace,
         )  # fmt: skip
+        self._x, self._y = x, y
+        return y
 
     def backward(self, dout: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
         assert self._x is not None, "backward before forward"
         dx, dw, db = kernels.conv2d_backward(
-            dout, self._x, self.params["weight"], self.stride, self.padding, need_dx
-        )
+            dout, self._x, self.params["weight"], self.stride, self.padding, need_dx,
+            y=self._y if self.fuse_relu else None, workspace=self.workspace,
+        )  # fmt: skip
         self.grads["weight"] = dw
         if "bias" in self.params:
             self.grads["bias"] = db
@@ -133,6 +137,7 @@ class Linear(Layer):
             self.params["bias"] = np.zeros(spec["out_features"], dtype=np.float32)
         self.fuse_relu = False
         self._x: np.ndarray | None = None
+        self._y: np.ndarray | None = None
 
     def reset_parameters(self, rng: np.random.Generator) -> None:
         w = self.params["weight"]
@@ -141,14 +146,17 @@ class Linear(Layer):
             self.params["bias"][:] = _kaiming_uniform(rng, self.params["bias"].shape, w.shape[1])
 
     def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
-        self._x = x
-        return kernels.linear_forward(
+        y = kernels.linear_forward(
             x, self.params["weight"], self.params.get("bias"), relu=self.fuse_relu
         )
+        self._x, self._y = x, y
+        return y
 
     def backward(self, dout: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
         assert self._x is not None, "backward before forward"
-        dx, dw, db = kernels.linear_backward(dout, self._x, self.params["weight"], need_dx)
+        dx, dw, db = kernels.linear_backward(
+            dout, self._x, self.params["weight"], need_dx, y=self._y if self.fuse_relu else None
+        )
         self.grads["weight"] = dw
         if "bias" in self.params:
             self.grads["bias"] = db
@@ -160,18 +168,25 @@ class ReLU(Layer):
 
     def __init__(self, spec: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.fused = False  # the layer before already applied the rectifier
+        # Fused: the layer before applies the rectifier in its forward pass and its derivative
+        # in its backward pass; this layer then passes both directions through.
+        self.fused = False
         self._y: np.ndarray | None = None
 
     def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
+        if self.fused:
+            return x
         # Return the local, not the attribute: inference calls one model from many threads.
-        y = x if self.fused else kernels.relu_forward(x)
-        self._y = y
+        y = self._y = kernels.relu_forward(x)
         return y
 
     def backward(self, dout: np.ndarray, need_dx: bool = True) -> np.ndarray | None:
+        if not need_dx:
+            return None
+        if self.fused:
+            return dout
         assert self._y is not None, "backward before forward"
-        return kernels.relu_backward(dout, self._y) if need_dx else None
+        return kernels.relu_backward(dout, self._y)
 
 
 class LeakyReLU(Layer):

@@ -194,7 +194,8 @@ def train_config(req: jobs_pb2.TrainRequest) -> dict[str, Any]:
     opt = req.WhichOneof("optimizer") or "sgd"
     msg = getattr(req, opt)
     default_lr = 0.01 if opt == "sgd" else 0.001  # PyTorch's defaults (SGD's is customary)
-    o: dict[str, Any] = {"name": opt, "lr": number(msg.lr or default_lr, f"{opt}.lr", 0, True)}
+    lr = number(msg.lr or default_lr, f"{opt}.lr", 0, lo_open=True)
+    o: dict[str, Any] = {"name": opt, "lr": lr}
     if opt == "sgd":
         o["momentum"] = number(msg.momentum, "sgd.momentum", 0, 0.999999)
         o["weight_decay"] = number(msg.weight_decay, "sgd.weight_decay", 0)

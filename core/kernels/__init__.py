@@ -27,8 +27,10 @@ from cnnd.core.kernels.pool import (
     maxpool2d_backward,
     maxpool2d_forward,
 )
+from cnnd.core.kernels.workspace import Workspace
 
 __all__ = [
+    "Workspace",
     "avgpool2d_backward",
     "avgpool2d_forward",
     "batchnorm2d_backward",

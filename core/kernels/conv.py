@@ -4,20 +4,27 @@ Forward, for sample n and kernel k (as in the spec's sum):
 
     y[n, k, r, c] = sum_{ch, a, b} xpad[n, ch, r*sh + a, c*sw + b] * w[k, ch, a, b] + bias[k]
 
-Each sample's receptive fields are unrolled into ``col`` of shape (C*kh*kw, OH*OW), so the whole
-sample is one GEMM: ``y[n] = w.reshape(K, C*kh*kw) @ col``. Backward reuses the same unrolling:
+The receptive fields of a block of m samples are unrolled side by side into ``col`` of shape
+(C*kh*kw, m*OH*OW), so the block is one GEMM: ``Y = w.reshape(K, C*kh*kw) @ col``. Blocking
+several samples makes the GEMM wide enough to run near the BLAS rate even for the small layers
+of LeNet-type nets, while ``col`` stays within a cache-friendly budget. Backward reuses the
+unrolling:
 
-* dL/dw is the cross-correlation of the input with the upstream gradient:
-  ``dw = sum_n dy[n] @ col[n].T``;
+* dL/dw is the cross-correlation of the input with the upstream gradient: ``dw = dY @ col.T``
+  summed over blocks;
 * dL/dx is the full convolution of the upstream gradient with the kernel (cross-correlation with
-  the flipped kernel); as a GEMM it is ``col2im(w.T @ dy[n])``: every output position scatters
-  its gradient back through the kernel onto the input pixels it read, which is the same sum;
+  the flipped kernel); as a GEMM it is ``col2im(w.T @ dY)``: every output position scatters its
+  gradient back through the kernel onto the input pixels it read, which is the same sum;
 * dL/dbias sums the upstream gradient over batch and positions.
 
-Samples are split into one contiguous chunk per thread (``prange``), each with its own ``col``
-workspace and its own weight-gradient buffer, reduced in a fixed order: for a fixed thread count
-the result does not depend on scheduling. ``np.dot`` calls BLAS, held to one thread
-(see ``cnnd.core._runtime``).
+With ``relu`` the forward applies the rectifier while it writes the output (fused bias + ReLU),
+and the backward, given that output, applies the ReLU's derivative while it gathers dY, so the
+ReLU layer costs no pass of its own.
+
+Samples are split into one contiguous range per thread (``prange``), each with its own
+workspace and weight-gradient buffer, reduced in a fixed order: for a fixed thread count the
+result does not depend on scheduling. With one range the serial driver runs instead, which
+saves waking the thread team. ``np.dot`` calls BLAS, held to one thread (``_runtime``).
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ import numpy as np
 from numba import njit, prange
 
 from cnnd.core import _runtime  # noqa: F401  (threading layer, cache dir, BLAS threads)
+from cnnd.core.kernels.workspace import Workspace
+
+COL_BUDGET = 1 << 19  # floats of one block's unrolled input (2 MiB in float32)
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -48,105 +58,160 @@ def _valid_range(size: int, out_size: int, offset: int, stride: int, pad: int) -
 
 
 @njit(nogil=True, cache=True)
-def im2col(x, kh, kw, sh, sw, ph, pw, OH, OW, col):
-    """Unroll one sample x (C, H, W) into col (C*kh*kw, OH*OW); padding reads as zero."""
-    C, H, W = x.shape
+def im2col(x, kh, kw, sh, sw, ph, pw, OH, OW, col, off):
+    """Unroll one sample x (C, H, W) into columns [off, off + OH*OW) of col (C*kh*kw, L);
+    padding reads as zero."""
+    C = x.shape[0]
+    H, W = x.shape[1], x.shape[2]
+    P = OH * OW
     for ch in range(C):
         for a in range(kh):
             r_lo, r_hi = _valid_range(H, OH, a, sh, ph)
             for b in range(kw):
                 c_lo, c_hi = _valid_range(W, OW, b, sw, pw)
-                row = col[(ch * kh + a) * kw + b]
+                row = col[(ch * kh + a) * kw + b, off : off + P]
                 row[: r_lo * OW] = 0
                 row[r_hi * OW :] = 0
+                s0 = c_lo * sw - pw + b
                 for r in range(r_lo, r_hi):
-                    base = r * OW
+                    dst = row[r * OW : (r + 1) * OW]
                     src = x[ch, r * sh - ph + a]
-                    for c in range(c_lo):
-                        row[base + c] = 0
-                    for c in range(c_lo, c_hi):
-                        row[base + c] = src[c * sw - pw + b]
-                    for c in range(c_hi, OW):
-                        row[base + c] = 0
+                    dst[:c_lo] = 0
+                    if sw == 1:
+                        dst[c_lo:c_hi] = src[s0 : s0 + c_hi - c_lo]
+                    else:
+                        for c in range(c_lo, c_hi):
+                            dst[c] = src[s0 + (c - c_lo) * sw]
+                    dst[c_hi:] = 0
 
 
 @njit(nogil=True, cache=True)
-def col2im(col, kh, kw, sh, sw, ph, pw, OH, OW, dx):
-    """Adjoint of im2col: add col (C*kh*kw, OH*OW) back onto dx (C, H, W), which must be zero."""
+def col2im(col, off, kh, kw, sh, sw, ph, pw, OH, OW, dx):
+    """Adjoint of im2col: add columns [off, off + OH*OW) of col back onto dx (C, H, W), which
+    must be zero."""
     C, H, W = dx.shape
+    P = OH * OW
     for ch in range(C):
         for a in range(kh):
             r_lo, r_hi = _valid_range(H, OH, a, sh, ph)
             for b in range(kw):
                 c_lo, c_hi = _valid_range(W, OW, b, sw, pw)
-                row = col[(ch * kh + a) * kw + b]
+                row = col[(ch * kh + a) * kw + b, off : off + P]
+                s0 = c_lo * sw - pw + b
                 for r in range(r_lo, r_hi):
-                    base = r * OW
+                    src = row[r * OW : (r + 1) * OW]
                     dst = dx[ch, r * sh - ph + a]
-                    for c in range(c_lo, c_hi):
-                        dst[c * sw - pw + b] += row[base + c]
+                    if sw == 1:
+                        dst[s0 : s0 + c_hi - c_lo] += src[c_lo:c_hi]
+                    else:
+                        for c in range(c_lo, c_hi):
+                            dst[s0 + (c - c_lo) * sw] += src[c]
 
 
-@njit(nogil=True, cache=True, parallel=True)
-def _conv2d_forward(x, w, bias, sh, sw, ph, pw, relu, out, threads):
-    N, C = x.shape[0], x.shape[1]
-    K, _, kh, kw = w.shape
+@njit(nogil=True, cache=True)
+def _forward_range(x, w2, bias, kh, kw, sh, sw, ph, pw, relu, out, lo, hi, nb, col_ws, y_ws):
+    K, CKK = w2.shape
     OH, OW = out.shape[2], out.shape[3]
-    w2 = w.reshape(K, C * kh * kw)
-    T = min(threads, N)
-    for t in prange(T):
-        col = np.empty((C * kh * kw, OH * OW), dtype=x.dtype)
-        for n in range(t * N // T, (t + 1) * N // T):
-            im2col(x[n], kh, kw, sh, sw, ph, pw, OH, OW, col)
-            y = out[n].reshape(K, OH * OW)
-            np.dot(w2, col, y)
+    P = OH * OW
+    n = lo
+    while n < hi:
+        m = min(nb, hi - n)
+        col = col_ws[: CKK * m * P].reshape(CKK, m * P)
+        for i in range(m):
+            im2col(x[n + i], kh, kw, sh, sw, ph, pw, OH, OW, col, i * P)
+        y = out[n].reshape(K, P) if m == 1 else y_ws[: K * m * P].reshape(K, m * P)
+        np.dot(w2, col, y)
+        for i in range(m):
             for k in range(K):
-                yk = y[k]
+                src = y[k, i * P : (i + 1) * P]
+                dst = out[n + i, k].reshape(P)
                 bk = bias[k]
                 if relu:
-                    for i in range(OH * OW):
-                        v = yk[i] + bk
-                        yk[i] = 0 if v <= 0 else v  # NaN passes through, as in PyTorch
+                    for j in range(P):
+                        v = src[j] + bk
+                        dst[j] = 0 if v <= 0 else v  # NaN passes through, as in PyTorch
                 else:
-                    for i in range(OH * OW):
-                        yk[i] += bk
+                    for j in range(P):
+                        dst[j] = src[j] + bk
+        n += m
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _conv2d_backward(x, w, dout, sh, sw, ph, pw, need_dx, dx, dw, dbias, threads):
-    N, C = x.shape[0], x.shape[1]
-    K, _, kh, kw = w.shape
-    OH, OW = dout.shape[2], dout.shape[3]
-    CKK = C * kh * kw
-    w2 = w.reshape(K, CKK)
-    w2t = w2.T
-    T = min(threads, N)
-    dw_t = np.zeros((T, K, CKK), dtype=x.dtype)
-    db_t = np.zeros((T, K), dtype=np.float64)
+def _forward_parallel(x, w2, bias, kh, kw, sh, sw, ph, pw, relu, out, T, nb, col_ws, y_ws):
+    N = x.shape[0]
     for t in prange(T):
-        col = np.empty((CKK, OH * OW), dtype=x.dtype)
-        dcol = np.empty((CKK, OH * OW), dtype=x.dtype)
-        dw_n = np.empty((K, CKK), dtype=x.dtype)
-        for n in range(t * N // T, (t + 1) * N // T):
-            dy = dout[n].reshape(K, OH * OW)
-            im2col(x[n], kh, kw, sh, sw, ph, pw, OH, OW, col)
-            np.dot(dy, col.T, dw_n)
-            dw_t[t] += dw_n
+        _forward_range(x, w2, bias, kh, kw, sh, sw, ph, pw, relu, out, t * N // T,
+                       (t + 1) * N // T, nb, col_ws[t], y_ws[t])  # fmt: skip
+
+
+@njit(nogil=True, cache=True)
+def _forward_serial(x, w2, bias, kh, kw, sh, sw, ph, pw, relu, out, nb, col_ws, y_ws):
+    _forward_range(x, w2, bias, kh, kw, sh, sw, ph, pw, relu, out, 0, x.shape[0], nb,
+                   col_ws[0], y_ws[0])  # fmt: skip
+
+
+@njit(nogil=True, cache=True)
+def _backward_range(x, w2, dout, y, relu, kh, kw, sh, sw, ph, pw, need_dx, dx, lo, hi, nb,
+                    col_ws, dy_ws, dcol_ws, dw_acc, db_acc, dw_tmp):  # fmt: skip
+    K, CKK = w2.shape
+    OH, OW = dout.shape[2], dout.shape[3]
+    P = OH * OW
+    w2t = w2.T
+    n = lo
+    while n < hi:
+        m = min(nb, hi - n)
+        L = m * P
+        col = col_ws[: CKK * L].reshape(CKK, L)
+        for i in range(m):
+            im2col(x[n + i], kh, kw, sh, sw, ph, pw, OH, OW, col, i * P)
+        # dY of the block, (K, m*P), with the fused ReLU's derivative applied.
+        dy = dy_ws[: K * L].reshape(K, L)
+        for i in range(m):
             for k in range(K):
-                db_t[t, k] += dy[k].sum()
-            if need_dx:
-                np.dot(w2t, dy, dcol)
-                dx[n] = 0
-                col2im(dcol, kh, kw, sh, sw, ph, pw, OH, OW, dx[n])
-    dw2 = dw.reshape(K, CKK)
-    dw2[:] = dw_t[0]
-    for t in range(1, T):
-        dw2 += dw_t[t]
-    for k in range(K):
-        s = 0.0
-        for t in range(T):
-            s += db_t[t, k]
-        dbias[k] = s
+                src = dout[n + i, k].reshape(P)
+                dst = dy[k, i * P : (i + 1) * P]
+                s = 0.0
+                if relu:
+                    yk = y[n + i, k].reshape(P)
+                    for j in range(P):
+                        g = src[j] if yk[j] > 0 else 0
+                        dst[j] = g
+                        s += g
+                else:
+                    for j in range(P):
+                        dst[j] = src[j]
+                        s += src[j]
+                db_acc[k] += s
+        np.dot(dy, col.T, dw_tmp)
+        dw_acc += dw_tmp
+        if need_dx:
+            dcol = dcol_ws[: CKK * L].reshape(CKK, L)
+            np.dot(w2t, dy, dcol)
+            for i in range(m):
+                dx[n + i] = 0
+                col2im(dcol, i * P, kh, kw, sh, sw, ph, pw, OH, OW, dx[n + i])
+        n += m
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _backward_parallel(x, w2, dout, y, relu, kh, kw, sh, sw, ph, pw, need_dx, dx, T, nb,
+                       col_ws, dy_ws, dcol_ws, dw_acc, db_acc, dw_tmp):  # fmt: skip
+    N = x.shape[0]
+    for t in prange(T):
+        dw_acc[t] = 0
+        db_acc[t] = 0
+        _backward_range(x, w2, dout, y, relu, kh, kw, sh, sw, ph, pw, need_dx, dx, t * N // T,
+                        (t + 1) * N // T, nb, col_ws[t], dy_ws[t], dcol_ws[t], dw_acc[t],
+                        db_acc[t], dw_tmp[t])  # fmt: skip
+
+
+@njit(nogil=True, cache=True)
+def _backward_serial(x, w2, dout, y, relu, kh, kw, sh, sw, ph, pw, need_dx, dx, nb,
+                     col_ws, dy_ws, dcol_ws, dw_acc, db_acc, dw_tmp):  # fmt: skip
+    dw_acc[0] = 0
+    db_acc[0] = 0
+    _backward_range(x, w2, dout, y, relu, kh, kw, sh, sw, ph, pw, need_dx, dx, 0, x.shape[0],
+                    nb, col_ws[0], dy_ws[0], dcol_ws[0], dw_acc[0], db_acc[0], dw_tmp[0])  # fmt: skip
 
 
 def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -154,6 +219,13 @@ def _pair(v: int | tuple[int, int] | list[int]) -> tuple[int, int]:
         return v, v
     a, b = v
     return int(a), int(b)
+
+
+def _plan(N: int, CKK: int, P: int) -> tuple[int, int]:
+    """(threads, samples per GEMM block) for N samples whose unrolled input is CKK x P each."""
+    T = max(1, min(numba.get_num_threads(), N))
+    per_thread = -(-N // T)
+    return T, max(1, min(per_thread, COL_BUDGET // max(CKK * P, 1)))
 
 
 def conv2d_forward(
@@ -164,33 +236,35 @@ def conv2d_forward(
     padding: int | tuple[int, int] = 0,
     relu: bool = False,
     out: np.ndarray | None = None,
+    workspace: Workspace | None = None,
 ) -> np.ndarray:
     """Cross-correlate x (N, C, H, W) with w (K, C, kh, kw), add b (K,) -> y (N, K, OH, OW).
 
-    With ``relu`` the rectifier is applied in the same pass (fused bias + ReLU).
+    With ``relu`` the rectifier is applied in the same pass (fused bias + ReLU). A layer passes
+    its ``workspace`` so that the unrolled input is not reallocated every call.
     """
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
     N, _, H, W = x.shape
-    K, _, kh, kw = w.shape
+    K, C, kh, kw = w.shape
     OH, OW = conv_output_size(H, kh, sh, ph), conv_output_size(W, kw, sw, pw)
     if b is None:
         b = np.zeros(K, dtype=x.dtype)
     if out is None:
         out = np.empty((N, K, OH, OW), dtype=x.dtype)
-    if N:
-        _conv2d_forward(
-            np.ascontiguousarray(x),
-            np.ascontiguousarray(w),
-            b,
-            sh,
-            sw,
-            ph,
-            pw,
-            relu,
-            out,
-            numba.get_num_threads(),
-        )
+    if N == 0:
+        return out
+    ws = workspace or Workspace()
+    CKK, P = C * kh * kw, OH * OW
+    T, nb = _plan(N, CKK, P)
+    col_ws = ws.get("col", (T, CKK * nb * P), x.dtype)
+    y_ws = ws.get("y", (T, K * nb * P if nb > 1 else 1), x.dtype)
+    x = np.ascontiguousarray(x)
+    w2 = np.ascontiguousarray(w).reshape(K, CKK)
+    if T == 1:
+        _forward_serial(x, w2, b, kh, kw, sh, sw, ph, pw, relu, out, nb, col_ws, y_ws)
+    else:
+        _forward_parallel(x, w2, b, kh, kw, sh, sw, ph, pw, relu, out, T, nb, col_ws, y_ws)
     return out
 
 
@@ -201,23 +275,47 @@ def conv2d_backward(
     stride: int | tuple[int, int] = 1,
     padding: int | tuple[int, int] = 0,
     need_dx: bool = True,
+    y: np.ndarray | None = None,
+    workspace: Workspace | None = None,
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
     """Gradients of conv2d_forward: dout (N, K, OH, OW) -> (dx (N, C, H, W) or None, dw, db).
 
-    ``need_dx=False`` skips dL/dx, which training never needs for the first layer.
+    ``y``, the output of a forward pass with fused ReLU, makes this the backward of conv+ReLU
+    (dout is masked where y <= 0). ``need_dx=False`` skips dL/dx, which training never needs
+    for the first layer.
     """
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
     x = np.ascontiguousarray(x)
     w = np.ascontiguousarray(w)
     dout = np.ascontiguousarray(dout)
+    N = x.shape[0]
+    K, C, kh, kw = w.shape
+    OH, OW = dout.shape[2], dout.shape[3]
+    CKK, P = C * kh * kw, OH * OW
     dx = np.empty_like(x) if need_dx else np.empty((1, 1, 1, 1), dtype=x.dtype)
-    dw = np.empty_like(w)
-    db = np.empty(w.shape[0], dtype=x.dtype)
-    if x.shape[0] == 0:
-        dw[:] = 0
-        db[:] = 0
+    if N == 0:
         dx[:] = 0
+        return (dx if need_dx else None), np.zeros_like(w), np.zeros(K, dtype=x.dtype)
+    ws = workspace or Workspace()
+    T, nb = _plan(N, CKK, P)
+    col_ws = ws.get("col", (T, CKK * nb * P), x.dtype)
+    dy_ws = ws.get("dy", (T, K * nb * P), x.dtype)
+    dcol_ws = ws.get("dcol", (T, CKK * nb * P if need_dx else 1), x.dtype)
+    dw_acc = ws.get("dw", (T, K, CKK), x.dtype)
+    dw_tmp = ws.get("dw_tmp", (T, K, CKK), x.dtype)
+    db_acc = ws.get("db", (T, K), np.float64)
+    relu = y is not None
+    ymask = np.ascontiguousarray(y) if relu else dout
+    w2 = w.reshape(K, CKK)
+    args = (x, w2, dout, ymask, relu, kh, kw, sh, sw, ph, pw, need_dx, dx)
+    if T == 1:
+        _backward_serial(*args, nb, col_ws, dy_ws, dcol_ws, dw_acc, db_acc, dw_tmp)
     else:
-        _conv2d_backward(x, w, dout, sh, sw, ph, pw, need_dx, dx, dw, db, numba.get_num_threads())
-    return (dx if need_dx else None), dw, db
+        _backward_parallel(*args, T, nb, col_ws, dy_ws, dcol_ws, dw_acc, db_acc, dw_tmp)
+    # Reduce the per-thread sums in a fixed order (deterministic for a fixed thread count).
+    dw = dw_acc[0].copy()
+    for t in range(1, T):
+        dw += dw_acc[t]
+    db = db_acc.sum(axis=0).astype(x.dtype)
+    return (dx if need_dx else None), dw.reshape(w.shape), db

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import io
+import math
+import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
+
+import numpy as np
 
 from cnnd.core import SpecError, model_arrays, model_from_arrays, validate_spec
 from cnnd.core.io import load_npz, npz_bytes
@@ -79,6 +84,48 @@ def export_model(
         yield models_pb2.ExportModelResponse(chunk=data[lo : lo + EXPORT_CHUNK])
 
 
+def check_archive(data: bytes, limit: int, max_members: int) -> None:
+    """Read only the zip directory and each .npy header of an uploaded .npz, so that numpy
+    never allocates what the archive merely announces: at most ``max_members`` members, each a
+    .npy array of a plain dtype whose header fits the bytes it holds, all of them expanding to
+    at most ``limit`` bytes (a compressed archive could otherwise expand a thousandfold)."""
+    if data.startswith(np.lib.format.MAGIC_PREFIX):
+        raise InvalidArgument("not a cnnd model archive: a single .npy array, not a .npz", "chunk")
+    if not data.startswith(b"PK"):
+        return  # not a zip: load_npz refuses it (a pickle is never unpickled)
+    try:
+        # The directory size zipfile will parse (~600 bytes of memory per 46-byte entry): a
+        # directory of millions of empty members is refused before it is parsed.
+        end = zipfile._EndRecData(io.BytesIO(data))  # the record zipfile itself will use
+        if end is not None and end[zipfile._ECD_SIZE] > 512 * max_members:
+            raise ValueError(f"the zip directory is too large for at most {max_members} arrays")
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = archive.infolist()
+            if len(members) > max_members:
+                raise ValueError(f"{len(members):,} members; a model has at most {max_members}")
+            expanded = sum(m.file_size for m in members)
+            if expanded > limit:
+                raise ResourceExhausted(
+                    f"the archive expands to {expanded:,} bytes; the import limit is {limit:,}"
+                )
+            for m in members:
+                if not m.filename.endswith(".npy"):
+                    raise ValueError(f"member {m.filename[:80]!r} is not a .npy array")
+                with archive.open(m) as f:
+                    major, _ = np.lib.format.read_magic(f)
+                    read = {1: np.lib.format.read_array_header_1_0}.get(
+                        major, np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = read(f)
+                if dtype.hasobject:
+                    raise ValueError("the archive holds object arrays (pickled data); refused")
+                if any(d < 0 for d in shape) or math.prod(shape) * dtype.itemsize > m.file_size:
+                    raise ValueError(f"{m.filename[:80]!r} announces more data than it holds")
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError, ValueError,
+            NotImplementedError) as e:  # fmt: skip
+        raise InvalidArgument(f"not a cnnd model archive: {e}", "chunk") from e
+
+
 def import_model(deps: Deps, requests: Iterable[models_pb2.ImportModelRequest]) -> models_pb2.Model:
     it = iter(requests)
     first = next(it, None)
@@ -103,12 +150,16 @@ def import_model(deps: Deps, requests: Iterable[models_pb2.ImportModelRequest]) 
             f"received {buf.tell():,} bytes; the header announced {header.size_bytes:,}",
             "header.size_bytes",
         )
+    # At most 5 arrays per layer (batchnorm's) and the spec.
+    check_archive(buf.getvalue(), limit, 5 * deps.config.limits.max_layers + 1)
     try:
         model = model_from_arrays(load_npz(buf.getvalue()), deps.config.limits.spec_limits())
     except SpecError:
         raise
-    except ValueError as e:
+    except (ValueError, zlib.error) as e:
         raise InvalidArgument(f"not a cnnd model archive: {e}", "chunk") from e
+    except RecursionError as e:  # json.loads of a spec nested thousands deep
+        raise InvalidArgument("not a cnnd model archive: the spec nests too deeply", "chunk") from e
     summary = model.summary_info
     if len(summary.output_shape) != 1:
         raise InvalidArgument("the model's output is not a vector of class scores", "chunk")

@@ -1,0 +1,31 @@
+"""Scratch arrays kept by a layer and reused across calls, so the hot loops do not allocate.
+
+Each thread gets its own arrays (a model may be called from several threads at once, e.g.
+inference beside a training job's evaluation), and an array is replaced only when the shape
+it must have changes (a different batch size).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+
+class Workspace(threading.local):
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """An uninitialised array of ``shape`` and ``dtype``, the same one as last time when
+        those match."""
+        a = self.arrays.get(name)
+        if a is None or a.shape != shape or a.dtype != dtype:
+            a = self.arrays[name] = np.empty(shape, dtype=dtype)
+        return a
+
+    def clear(self) -> None:
+        self.arrays.clear()
+
+    def __deepcopy__(self, memo: dict[int, object]) -> Workspace:
+        return Workspace()  # scratch: a copy starts empty
