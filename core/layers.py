@@ -72,7 +72,7 @@ class Conv2d(Layer):
     def forward(self, x: np.ndarray, train: bool) -> np.ndarray:
         y = kernels.conv2d_forward(
             x, self.params["weight"], self.params.get("bias"), self.stride, self.padding,
-            relu=self.fuse_relu, workspace=self.workspace,
+            relu=self.fuse_relu, workspace=self.workspace, keep_col=train,
         )  # fmt: skip
         self._x, self._y = x, y
         return y

@@ -10,51 +10,76 @@ Planes (n, c) are independent, so the kernels run ``prange`` over N*C.
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
 from cnnd.core import _runtime  # noqa: F401
 from cnnd.core.kernels.conv import _pair, conv_output_size
 
+PARALLEL_MIN = 1 << 15  # elements below which one thread is faster
 
-@njit(nogil=True, cache=True, parallel=True)
-def _maxpool2d_forward(x, kh, kw, sh, sw, ph, pw, out, argmax):
-    N, C, H, W = x.shape
-    OH, OW = out.shape[2], out.shape[3]
-    for p in prange(N * C):
-        n, c = p // C, p % C
-        plane = x[n, c]
+
+@njit(nogil=True, cache=True)
+def _maxpool_planes(xf, H, W, kh, kw, sh, sw, ph, pw, OH, OW, out, argmax, lo, hi):
+    """Planes [lo, hi) of x (flat (N*C*H*W,)) into out/argmax (flat (N*C*OH*OW,))."""
+    for p in range(lo, hi):
+        xb = p * H * W
+        ob = p * OH * OW
         for r in range(OH):
             h0 = r * sh - ph
+            a_lo, a_hi = max(h0, 0), min(h0 + kh, H)
             for q in range(OW):
                 w0 = q * sw - pw
-                best = -np.inf
-                best_i = -1
-                for a in range(max(h0, 0), min(h0 + kh, H)):
-                    for b in range(max(w0, 0), min(w0 + kw, W)):
-                        v = plane[a, b]
-                        # `v > best or best_i < 0` keeps the first maximum and lets NaN win, as
-                        # PyTorch does, so a NaN is never silently dropped.
-                        if v > best or best_i < 0 or np.isnan(v):
+                b_lo, b_hi = max(w0, 0), min(w0 + kw, W)
+                best_i = a_lo * W + b_lo
+                best = xf[xb + best_i]
+                nan_i = -1
+                for a in range(a_lo, a_hi):
+                    for b in range(b_lo, b_hi):
+                        i = a * W + b
+                        v = xf[xb + i]
+                        if v > best:  # strictly: the first maximum wins, as in PyTorch
                             best = v
-                            best_i = a * W + b
-                            if np.isnan(v):
-                                break
-                out[n, c, r, q] = best
-                argmax[n, c, r, q] = best_i
+                            best_i = i
+                        if v != v and nan_i < 0:  # noqa: PLR0124  (NaN test, kept cheap)
+                            nan_i = i
+                if nan_i >= 0:  # PyTorch propagates NaN: the first one wins the window
+                    best = xf[xb + nan_i]
+                    best_i = nan_i
+                out[ob + r * OW + q] = best
+                argmax[ob + r * OW + q] = best_i
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _maxpool2d_backward(dout, argmax, dx):
-    N, C, H, W = dx.shape
-    OH, OW = dout.shape[2], dout.shape[3]
-    for p in prange(N * C):
-        n, c = p // C, p % C
-        flat = dx[n, c].reshape(H * W)
-        flat[:] = 0
-        for r in range(OH):
-            for q in range(OW):
-                flat[argmax[n, c, r, q]] += dout[n, c, r, q]
+def _maxpool_parallel(xf, H, W, kh, kw, sh, sw, ph, pw, OH, OW, out, argmax, planes, T):
+    for t in prange(T):
+        _maxpool_planes(xf, H, W, kh, kw, sh, sw, ph, pw, OH, OW, out, argmax,
+                        t * planes // T, (t + 1) * planes // T)  # fmt: skip
+
+
+@njit(nogil=True, cache=True)
+def _maxpool_serial(xf, H, W, kh, kw, sh, sw, ph, pw, OH, OW, out, argmax, planes):
+    _maxpool_planes(xf, H, W, kh, kw, sh, sw, ph, pw, OH, OW, out, argmax, 0, planes)
+
+
+@njit(nogil=True, cache=True)
+def _unpool_planes(doutf, argmax, HW, OHW, dxf, lo, hi):
+    for p in range(lo, hi):
+        dxf[p * HW : (p + 1) * HW] = 0
+        for j in range(p * OHW, (p + 1) * OHW):
+            dxf[p * HW + argmax[j]] += doutf[j]
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _unpool_parallel(doutf, argmax, HW, OHW, dxf, planes, T):
+    for t in prange(T):
+        _unpool_planes(doutf, argmax, HW, OHW, dxf, t * planes // T, (t + 1) * planes // T)
+
+
+@njit(nogil=True, cache=True)
+def _unpool_serial(doutf, argmax, HW, OHW, dxf, planes):
+    _unpool_planes(doutf, argmax, HW, OHW, dxf, 0, planes)
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -116,10 +141,15 @@ def maxpool2d_forward(
 ) -> tuple[np.ndarray, np.ndarray]:
     """x (N, C, H, W) -> (y (N, C, OH, OW), argmax (N, C, OH, OW) int32 flat index in H*W)."""
     kh, kw, sh, sw, ph, pw, OH, OW = _pool_geometry(x, kernel_size, stride, padding)
-    N, C = x.shape[:2]
+    N, C, H, W = x.shape
     out = np.empty((N, C, OH, OW), dtype=x.dtype)
     argmax = np.empty((N, C, OH, OW), dtype=np.int32)
-    _maxpool2d_forward(np.ascontiguousarray(x), kh, kw, sh, sw, ph, pw, out, argmax)
+    xf, of, af = np.ascontiguousarray(x).reshape(-1), out.reshape(-1), argmax.reshape(-1)
+    T = _threads(N * C, x.size)
+    if T == 1:
+        _maxpool_serial(xf, H, W, kh, kw, sh, sw, ph, pw, OH, OW, of, af, N * C)
+    else:
+        _maxpool_parallel(xf, H, W, kh, kw, sh, sw, ph, pw, OH, OW, of, af, N * C, T)
     return out, argmax
 
 
@@ -128,8 +158,20 @@ def maxpool2d_backward(
 ) -> np.ndarray:
     """dout (N, C, OH, OW) -> dx (N, C, H, W): each gradient goes to its window's argmax."""
     dx = np.empty(x_shape, dtype=dout.dtype)
-    _maxpool2d_backward(np.ascontiguousarray(dout), argmax, dx)
+    N, C, H, W = x_shape
+    OHW = dout.shape[2] * dout.shape[3]
+    df, af = np.ascontiguousarray(dout).reshape(-1), argmax.reshape(-1)
+    T = _threads(N * C, dx.size)
+    if T == 1:
+        _unpool_serial(df, af, H * W, OHW, dx.reshape(-1), N * C)
+    else:
+        _unpool_parallel(df, af, H * W, OHW, dx.reshape(-1), N * C, T)
     return dx
+
+
+def _threads(planes: int, size: int) -> int:
+    """Threads worth waking for ``size`` elements (a thread team costs ~10 us)."""
+    return 1 if size < PARALLEL_MIN else max(1, min(numba.get_num_threads(), planes))
 
 
 def avgpool2d_forward(

@@ -15,6 +15,7 @@ import numpy as np
 class Workspace(threading.local):
     def __init__(self) -> None:
         self.arrays: dict[str, np.ndarray] = {}
+        self.kept: object = None  # what the arrays hold for a later call (see conv2d_forward)
 
     def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
         """An uninitialised array of ``shape`` and ``dtype``, the same one as last time when
@@ -26,6 +27,7 @@ class Workspace(threading.local):
 
     def clear(self) -> None:
         self.arrays.clear()
+        self.kept = None
 
     def __deepcopy__(self, memo: dict[int, object]) -> Workspace:
         return Workspace()  # scratch: a copy starts empty
