@@ -200,17 +200,17 @@ def _forward_range(x, w2, bias, kh, kw, sh, sw, ph, pw, relu, out, lo, hi, nb, c
         # columns) 1.3-1.8x faster than w @ col, measured on these layers.
         yt = y_ws[: m * P * K].reshape(m * P, K)
         np.dot(col.T, w2t, yt)
+        # Epilogue: transpose into NCHW with bias (and ReLU), in tiles of 16 positions so
+        # that the rows of Y.T being read stay in L1.
         for i in range(m):
-            for k in range(K):
-                dst = out[n + i, k].reshape(P)
-                bk = bias[k]
-                if relu:
-                    for j in range(P):
+            o = out[n + i].reshape(K, P)
+            for j0 in range(0, P, 16):
+                j1 = min(j0 + 16, P)
+                for k in range(K):
+                    bk = bias[k]
+                    for j in range(j0, j1):
                         v = yt[i * P + j, k] + bk
-                        dst[j] = 0 if v <= 0 else v  # NaN passes through, as in PyTorch
-                else:
-                    for j in range(P):
-                        dst[j] = yt[i * P + j, k] + bk
+                        o[k, j] = (0 if v <= 0 else v) if relu else v  # NaN stays, as in torch
         n += m
 
 
