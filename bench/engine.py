@@ -328,23 +328,29 @@ def check_equivalence(cn: CnndSide, th: TorchSide, spec: dict[str, Any]) -> dict
     meaningful if both engines compute the same function from the same weights."""
     from cnnd.core.kernels import softmax_cross_entropy
 
+    import copy
+
     torch = th.torch
     x, y = batch_data(spec, 8, SEED + 1)
-    logits = cn.model.forward(x, train=True)
+    # In float64: in float32 the two engines round differently, and a near-tie in a max-pool
+    # window can then route one gradient to another pixel (a 2% difference in a conv weight
+    # gradient, seen here), which says nothing about whether they compute the same function.
+    model = cn.model.astype(np.float64)
+    x64 = x.astype(np.float64)
+    logits = model.forward(x64, train=True)
     loss, dlogits, _ = softmax_cross_entropy(logits, y)
-    cn.model.backward(dlogits, need_input_grad=False)
-    th.model.train()
-    th.model.zero_grad(set_to_none=True)
-    t_logits = th.model(torch.from_numpy(x))
+    model.backward(dlogits, need_input_grad=False)
+    t_model = copy.deepcopy(th.model).double()
+    t_model.train()
+    t_logits = t_model(torch.from_numpy(x64))
     t_loss = torch.nn.functional.cross_entropy(t_logits, torch.from_numpy(y))
     t_loss.backward()
-    t_grads = {k: p.grad.numpy() for k, p in th.model.named_parameters()}
+    t_grads = {k: p.grad.numpy() for k, p in t_model.named_parameters()}
     grad_err = max(
         float(np.abs(g - t_grads[k]).max() / (np.abs(t_grads[k]).max() + 1e-30))
-        for k, g in cn.model.grads().items()
+        for k, g in model.grads().items()
     )
     t_np = t_logits.detach().numpy()
-    th.model.zero_grad(set_to_none=True)
     return {
         "logits_rel": float(np.abs(logits - t_np).max() / np.abs(t_np).max()),
         "loss_abs": abs(loss - float(t_loss.detach())),

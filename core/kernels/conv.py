@@ -38,6 +38,7 @@ from cnnd.core.kernels.workspace import Workspace
 
 COL_BUDGET = 1 << 19  # floats of one block's unrolled input (2 MiB in float32)
 KEEP_BYTES = 64 << 20  # largest unrolled batch kept from forward to backward, per layer
+_SCRATCH = Workspace()  # for callers without a workspace of their own (one per thread)
 
 
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
@@ -341,7 +342,7 @@ def conv2d_forward(
         out = np.empty((N, K, OH, OW), dtype=x.dtype)
     if N == 0:
         return out
-    ws = workspace or Workspace()
+    ws = workspace or _SCRATCH
     CKK, P = C * kh * kw, OH * OW
     T, nb = _plan(N, CKK, P)
     col_ws = ws.get("col", (T, CKK * nb * P), x.dtype)
@@ -388,7 +389,7 @@ def conv2d_backward(
     if N == 0:
         dx[:] = 0
         return (dx if need_dx else None), np.zeros_like(w), np.zeros(K, dtype=x.dtype)
-    ws = workspace or Workspace()
+    ws = workspace or _SCRATCH
     T, nb = _plan(N, CKK, P)
     col_ws = ws.get("col", (T, CKK * nb * P), x.dtype)
     dy_ws = ws.get("dy", (T, K * nb * P), x.dtype)
