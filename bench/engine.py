@@ -326,9 +326,9 @@ class TorchSide:
 def check_equivalence(cn: CnndSide, th: TorchSide, spec: dict[str, Any]) -> dict[str, float]:
     """Relative max differences of logits and gradients for one batch: the comparison is only
     meaningful if both engines compute the same function from the same weights."""
-    from cnnd.core.kernels import softmax_cross_entropy
-
     import copy
+
+    from cnnd.core.kernels import softmax_cross_entropy
 
     torch = th.torch
     x, y = batch_data(spec, 8, SEED + 1)

@@ -184,7 +184,7 @@ def main() -> None:
     spec = LENET5 if args.model == "lenet" else CIFAR
     seconds = 1.5 if args.quick else args.seconds
     shape = tuple(spec["input_shape"])
-    results: dict[str, Any] = {
+    results: dict[str, Any] = {  # noqa: E501
         "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
         "cores": os.cpu_count(), "model": args.model, "seconds_per_point": seconds, "sweep": {},
     }  # fmt: skip
