@@ -184,10 +184,14 @@ def main() -> None:
     spec = LENET5 if args.model == "lenet" else CIFAR
     seconds = 1.5 if args.quick else args.seconds
     shape = tuple(spec["input_shape"])
-    results: dict[str, Any] = {  # noqa: E501
-        "date": time.strftime("%Y-%m-%d %H:%M"), "machine": platform.processor() or platform.machine(),
-        "cores": os.cpu_count(), "model": args.model, "seconds_per_point": seconds, "sweep": {},
-    }  # fmt: skip
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "model": args.model,
+        "seconds_per_point": seconds,
+        "sweep": {},
+    }
     with tempfile.TemporaryDirectory(prefix="cnnd-bench-") as d:
         tmp = Path(d)
         ceiling = {b: in_process_rate(spec, b, seconds / 2) for b in CONCURRENCY}
