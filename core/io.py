@@ -18,6 +18,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -95,7 +96,7 @@ def load_npz(source: str | os.PathLike[str] | bytes | IO[bytes]) -> dict[str, np
             if len(npz.files) > MAX_ARRAYS:
                 raise ValueError(f"the archive holds {len(npz.files)} arrays; at most {MAX_ARRAYS}")
             return {name: npz[name] for name in npz.files}
-    except (zipfile.BadZipFile, EOFError, OSError) as e:
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
         raise ValueError(f"not a readable .npz archive: {e}") from e
     except ValueError as e:
         if "allow_pickle" in str(e) or "Object arrays" in str(e):
@@ -119,7 +120,7 @@ def model_from_arrays(
         raise ValueError(f"{SPEC_KEY!r} must be a JSON string")
     try:
         spec: Any = json.loads(str(raw))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"{SPEC_KEY!r} is not valid JSON: {e}") from e
     model = Sequential.from_spec(spec, seed=0, limits=limits)
     model.load_state_dict({k: v for k, v in arrays.items() if k != SPEC_KEY})

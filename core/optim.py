@@ -190,7 +190,10 @@ class Schedule:
 
     def lr(self, base_lr: float, epoch: int, epochs: int) -> float:
         if self.kind == "step":
-            return base_lr * self.gamma ** (epoch // self.step_size)
+            try:
+                return base_lr * self.gamma ** (epoch // self.step_size)
+            except OverflowError:  # gamma > 1 over many epochs: training will diverge
+                return math.inf
         if self.kind == "cosine":
             t_max = self.t_max or epochs
             return (

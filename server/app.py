@@ -32,6 +32,7 @@ from cnnd.server.deps import Deps
 from cnnd.server.limiter import ConcurrencyLimiter
 from cnnd.server.metrics import Metrics, MetricsInterceptor
 from cnnd.server.registry import Registry
+from cnnd.server.rpc import DecodeGuard
 from cnnd.server.servicer import CnndServicer
 from cnnd.server.store.base import Store
 from cnnd.server.training import JobBoard, JobRunner
@@ -169,12 +170,14 @@ def create_server(config: ServerConfig) -> tuple[Server, int]:
     binds a free one). Raises AuthConfigError for an unsafe or broken security setup."""
     tokens = load_tokens(config.tokens_file)
     check_bind(config.host, tokens, config.insecure)
+    if config.metrics_port:  # /metrics has no authentication of its own
+        check_bind(config.metrics_host or config.host, tokens, config.insecure)
     credentials = server_credentials(config)
     store = open_store(config)
     metrics = Metrics(store)
     # Outermost first: every call is measured, then authenticated, then counted against the
     # concurrency limit (so unauthenticated floods cannot take the slots).
-    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics)]
+    interceptors: list[grpc.ServerInterceptor] = [MetricsInterceptor(metrics), DecodeGuard()]
     if tokens.enabled:
         interceptors.append(AuthInterceptor(tokens))
     limit = config.limits.max_concurrent_rpcs

@@ -94,6 +94,8 @@ def internal_status(error_id: str) -> status_pb2.Status:
 
 
 def _abort(context: grpc.ServicerContext, error: BaseException, method: str) -> None:
+    if context.code() not in (None, grpc.StatusCode.OK):  # type: ignore[attr-defined]
+        raise error  # already aborted (an interceptor's context.abort inside the stream)
     if not context.is_active():  # the client went away (cancelled, deadline): nothing to answer
         log.info("rpc cancelled by the client", extra={"method": method})
         return

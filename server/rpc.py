@@ -29,3 +29,57 @@ def rebuild(handler: grpc.RpcMethodHandler, fn: Callable[..., Any]) -> grpc.RpcM
         request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+class _Undecodable:
+    """Stands for a request whose bytes are not a valid protobuf message."""
+
+
+def _guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError, or whatever a malformed message raises
+            return _Undecodable()
+
+    return decode
+
+
+class DecodeGuard(grpc.ServerInterceptor):
+    """INVALID_ARGUMENT, not gRPC's own INTERNAL ("Exception deserializing request!"), for
+    bytes that do not parse as the method's request message."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        inner = behaviour(handler)
+        message = "the request is not a valid protobuf message of the method's request type"
+
+        def check(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+            return request
+
+        def stream_of(requests: Any, context: grpc.ServicerContext) -> Any:
+            for r in requests:
+                yield check(r, context)
+
+        def fn(request: Any, context: grpc.ServicerContext) -> Any:
+            if handler.request_streaming:
+                return inner(stream_of(request, context), context)
+            return inner(check(request, context), context)
+
+        make = _FACTORIES[(handler.request_streaming, handler.response_streaming)]
+        return make(
+            fn,
+            request_deserializer=_guarded(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )

@@ -378,7 +378,9 @@ class JobRunner:
             # it is claimed again (here or elsewhere) once the store answers.
             log.warning("job %s stopped: store unavailable (%s); it will be resumed", job.id, e)
         except NonFiniteLossError as e:
-            self._safe_finish(a, FAILED, f"{e}; the last finite checkpoint is kept")
+            kept = self.store.get_checkpoint(job.id) is not None
+            note = "; the last finite checkpoint is kept" if kept else ""
+            self._safe_finish(a, FAILED, f"{e}{note}")
         except Exception as e:
             log.exception("job %s failed", job.id)
             self._safe_finish(a, FAILED, f"internal error: {type(e).__name__}: {e}")

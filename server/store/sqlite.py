@@ -187,7 +187,7 @@ class SQLiteStore(Store):
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # models and data are private
         self._lock_file = open(self.root / "lock", "a+")  # noqa: SIM115  (held for our lifetime)
         try:
             fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

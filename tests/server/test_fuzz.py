@@ -636,8 +636,8 @@ def test_fuzz_random_models_build_run_and_round_trip(
 
 def test_undecodable_bytes_are_not_internal(fuzz_server: ServerProcess) -> None:
     """Bytes that are not a protobuf message at all, sent to every RPC, get a documented
-    status. gRPC itself answers INTERNAL ("Exception deserializing request!") before any cnnd
-    code runs; see the report for the fix (server/rpc.py), which is outside the handlers."""
+    status: INVALID_ARGUMENT from server/rpc.py's DecodeGuard, where gRPC alone would answer
+    INTERNAL ("Exception deserializing request!") before any cnnd code runs."""
     channel: grpc.Channel = WORLD["channel"]
     wrong: dict[str, tuple[str, str]] = {}
     for method in SERVICE.methods:
@@ -656,10 +656,6 @@ def test_undecodable_bytes_are_not_internal(fuzz_server: ServerProcess) -> None:
         except grpc.RpcError as e:
             if e.code() not in DOCUMENTED:
                 wrong[method.name] = (e.code().name, e.details())
-    if wrong and all(w == ("INTERNAL", "Exception deserializing request!") for w in wrong.values()):
-        pytest.xfail(
-            f"known: gRPC itself answers INTERNAL to undecodable requests ({len(wrong)} RPCs)"
-        )
     assert wrong == {}
 
 
