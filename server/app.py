@@ -190,6 +190,7 @@ def create_server(config: ServerConfig) -> tuple[Server, int]:
     runner = JobRunner(
         store, spec_limits, worker, max_concurrent=config.limits.max_concurrent_jobs,
         lease_seconds=config.lease_seconds, board=board, hooks=metrics,
+        on_version=registry.forget,
     )  # fmt: skip
     batcher = Batcher(config.batching, metrics) if config.batching.enabled else None
     deps = Deps(

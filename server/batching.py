@@ -3,8 +3,9 @@
 Calls for the same model version join one queue; a worker per queue runs them as one forward
 pass of up to ``max_batch_size`` samples and hands each caller its rows. The worker takes what
 is queued at once; it waits up to ``max_queue_delay_us`` for more only while other calls are
-on their way (decoded but not yet queued), so a lone caller never waits and a busy server fills
-its batches. Larger batches amortise the per-call overhead of the engine's kernels.
+on their way (decoded but not yet queued), so a lone caller never waits (it even runs in its
+own thread) and a busy server fills its batches. Larger batches amortise the per-call overhead
+of the engine's kernels.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class _Queue:
         self.items: deque[_Request] = deque()
         self.cond = threading.Condition()
         self.arriving = 0  # callers between decode and enqueue
+        self.busy = False  # a batch (or a lone caller's input) is running
         self.thread = threading.Thread(target=self._work, name=f"cnnd-batch-{key[0]}", daemon=True)
         self.alive = True
         self.thread.start()
@@ -80,7 +82,13 @@ class _Queue:
                 if self.batcher._retire(self):
                     return
                 continue
-            self._run(batch)
+            with self.cond:
+                self.busy = True
+            try:
+                self._run(batch)
+            finally:
+                with self.cond:
+                    self.busy = False
 
     def _run(self, batch: list[_Request]) -> None:
         m = self.batcher.metrics
@@ -133,8 +141,21 @@ class Batcher:
             with q.cond:
                 q.arriving -= 1
                 queued = True
-                q.items.append(r)
-                q.cond.notify()
+                # Alone (nothing queued, nothing running, no one on the way): run in this
+                # thread; handing over to the worker would only add a thread switch.
+                alone = not q.items and not q.busy and q.arriving == 0
+                if alone:
+                    q.busy = True
+                else:
+                    q.items.append(r)
+                    q.cond.notify()
+            if alone:
+                try:
+                    q._run([r])
+                finally:
+                    with q.cond:
+                        q.busy = False
+                        q.cond.notify()
             r.done.wait()
             if r.error is not None:
                 raise r.error

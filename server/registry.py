@@ -8,12 +8,15 @@ is served from the next call on, and never before its weights are complete.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from cnnd.core import Sequential, SpecLimits, SpecSummary, load_npz, validate_spec
-from cnnd.server.errors import FailedPrecondition, NotFound
+from cnnd.server.errors import FailedPrecondition, NotFound, ServiceError
 from cnnd.server.store.base import ModelRecord, Store
+
+RECORD_TTL = 0.25  # seconds a model record serves Infer before the store is asked again
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class Registry:
         self._cache: OrderedDict[tuple[str, int], Sequential] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, int], threading.Lock] = {}
+        self._records: dict[str, tuple[float, ModelRecord]] = {}  # key -> (when, record)
 
     def record(self, key: str, field: str = "model_id") -> ModelRecord:
         record = self.store.get_model(key)
@@ -59,9 +63,27 @@ class Registry:
         return version
 
     def load(self, key: str, version: int = 0, allow_initial: bool = False) -> Loaded:
-        """The model ``key`` (id or name) at ``version`` (0: latest), built and cached."""
+        """The model ``key`` (id or name) at ``version`` (0: latest), built and cached.
+
+        The record is reused for up to ``RECORD_TTL`` seconds (a store query per Infer call
+        cost ~45 us). Staleness can only delay a newer version by that long: a version this
+        process commits invalidates at once (``forget``), and a lookup that fails on a cached
+        record is retried against the store before it is reported.
+        """
+        now = time.monotonic()
+        with self._lock:
+            hit = self._records.get(key)
+        if hit is not None and now - hit[0] < RECORD_TTL:
+            try:
+                record = hit[1]
+                v = self.resolve_version(record, version, allow_initial)
+                return Loaded(record, v, self.get(record, v))
+            except ServiceError:
+                pass  # maybe stale: ask the store
         record = self.record(key)
         v = self.resolve_version(record, version, allow_initial)
+        with self._lock:
+            self._records[key] = (now, record)
         return Loaded(record, v, self.get(record, v))
 
     def get(self, record: ModelRecord, version: int) -> Sequential:
@@ -93,7 +115,10 @@ class Registry:
             model.load_state_dict({k: v for k, v in arrays.items() if not k.startswith("__")})
         return model
 
-    def forget(self, model_id: str) -> None:
+    def forget(self, model_id: str, version: int = 0) -> None:
+        """Drop what is cached about a model: after a delete, or when it gained a version."""
         with self._lock:
-            for key in [k for k in self._cache if k[0] == model_id]:
-                del self._cache[key]
+            self._records = {k: v for k, v in self._records.items() if v[1].id != model_id}
+            if version == 0:  # deleted: its built versions go too (a new version changes none)
+                for key in [k for k in self._cache if k[0] == model_id]:
+                    del self._cache[key]

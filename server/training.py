@@ -356,10 +356,10 @@ class JobRunner:
                 version = self.store.add_version(
                     job.model_id, weights, job.id, "train", a.job.history
                 )
+                if self.on_version:  # before SUCCEEDED is visible: no one waits on a stale view
+                    self.on_version(job.model_id, version.version)
                 self._finish(a, SUCCEEDED, version=version.version)
                 self.store.delete_checkpoint(job.id)
-                if self.on_version:
-                    self.on_version(job.model_id, version.version)
             elif a.reason == "cancel":
                 self._finish(a, CANCELLED, "cancelled by request")
                 self.store.delete_checkpoint(job.id)
