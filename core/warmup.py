@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 
+from cnnd.core import kernels
 from cnnd.core.kernels import activations
 from cnnd.core.model import Sequential
 from cnnd.core.optim import SGD
@@ -60,6 +61,16 @@ def warmup() -> float:
         y_big = fwd(big, mask) if fwd is activations.dropout_forward else fwd(big)
         bwd(big, y_big if bwd is not activations.dropout_backward else mask)
     activations.leaky_relu_backward(big, activations.leaky_relu_forward(big, 0.01), 0.01)
+    # Large enough for the parallel pooling and fully connected kernels (the small model above
+    # takes their serial variants).
+    planes = rng.standard_normal((2, 8, 64, 64)).astype(np.float32)
+    pooled, argmax = kernels.maxpool2d_forward(planes, 2)
+    kernels.maxpool2d_backward(pooled, argmax, planes.shape)
+    kernels.avgpool2d_backward(kernels.avgpool2d_forward(planes, 2), planes.shape, 2)
+    wide = rng.standard_normal((64, 512)).astype(np.float32)
+    weight = rng.standard_normal((256, 512)).astype(np.float32)
+    out = kernels.linear_forward(wide, weight, None, relu=True)
+    kernels.linear_backward(out, wide, weight, need_dx=True, y=out)
     return time.perf_counter() - t0
 
 
