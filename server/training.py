@@ -52,6 +52,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cnnd.jobs")
 
+
+def log_state(job: JobRecord, state: str, detail: str = "") -> None:
+    """The one log line of a job state change, with its ids as fields."""
+    log.info(
+        "job %s %s%s", job.id, state, f": {detail}" if detail else "",
+        extra={"job_id": job.id, "model_id": job.model_id, "state": state},
+    )  # fmt: skip
+
+
 PROGRESS_INTERVAL = 0.2  # seconds between progress events to watchers
 STORE_INTERVAL = 1.0  # seconds between progress writes to the store
 
@@ -276,10 +285,7 @@ class JobRunner:
 
     def _finish(self, a: _Active, state: str, reason: str = "", version: int = 0) -> None:
         a.job = self.store.finish_job(a.job.id, self.worker, state, reason, version, a.job.history)
-        log.info(
-            "job %s %s%s", a.job.id, state, f": {reason}" if reason else "",
-            extra={"job_id": a.job.id, "model_id": a.job.model_id, "state": state},
-        )  # fmt: skip
+        log_state(a.job, state, reason)
         self._publish(a, "state")
         if self.hooks:
             self.hooks.job_finished(a.job)
@@ -287,10 +293,7 @@ class JobRunner:
     def _run(self, a: _Active) -> None:
         job = a.job
         cfg = job.config
-        log.info(
-            "job %s RUNNING (attempt %d)", job.id, job.attempts,
-            extra={"job_id": job.id, "model_id": job.model_id, "state": RUNNING},
-        )  # fmt: skip
+        log_state(job, RUNNING, f"attempt {job.attempts}")
         self._publish(a, "state")
         if self.hooks:
             self.hooks.job_started(job)
@@ -368,7 +371,7 @@ class JobRunner:
                     job.id, self.worker, checkpoint_bytes(model, optimizer, result.state)
                 )
                 self.store.release_job(job.id, self.worker)
-                log.info("job %s checkpointed and queued for the next start", job.id)
+                log_state(job, "QUEUED", "checkpointed and queued for the next start")
             else:
                 log.warning("job %s: lease lost; another worker continues it", job.id)
         except LeaseLost:

@@ -11,7 +11,7 @@ from cnnd.server.deps import Deps
 from cnnd.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from cnnd.server.handlers.datasets import dataset
 from cnnd.server.store.base import TERMINAL, JobRecord, now
-from cnnd.server.training import JobEvent
+from cnnd.server.training import JobEvent, log_state
 from cnnd.server.validate import (
     check_key,
     decode_page_token,
@@ -81,6 +81,7 @@ def train(deps: Deps, req: jobs_pb2.TrainRequest) -> jobs_pb2.Job:
         create_time=now(),
     )  # fmt: skip
     deps.store.create_job(job, deps.config.limits.max_queued_jobs)
+    log_state(job, "QUEUED")
     deps.runner.wake()
     return job_message(deps, job)
 
@@ -117,6 +118,8 @@ def cancel_job(deps: Deps, req: jobs_pb2.CancelJobRequest) -> jobs_pb2.Job:
     if job.state in TERMINAL:
         raise FailedPrecondition(f"job {job.id} already ended: {job.state}")
     job = deps.store.cancel_job(job.id)
+    if job.state == "CANCELLED":  # it was still queued; a running one logs when it stops
+        log_state(job, "CANCELLED", "cancelled while queued")
     deps.runner.cancel(job.id)
     return job_message(deps, job)
 
