@@ -81,7 +81,7 @@ class Server:
     health: health.HealthServicer
     port: int
     limiter: ConcurrencyLimiter
-    extras: list[Any] = field(default_factory=list)  # things with .stop(): metrics, batcher
+    extras: list[Any] = field(default_factory=list)  # things with .stop(): the /metrics server
     _stopped: threading.Event = field(default_factory=threading.Event)
     _ready: threading.Event = field(default_factory=threading.Event)  # kernels compiled
 

@@ -179,6 +179,3 @@ class Batcher:
             if self._queues.get(q.key) is q:
                 del self._queues[q.key]
             return True
-
-    def stop(self) -> None:
-        """Nothing to release: workers are daemons and exit when idle."""

@@ -41,7 +41,6 @@ from cnnd.server.store.base import (
     FAILED,
     RUNNING,
     SUCCEEDED,
-    TERMINAL,
     JobRecord,
     LeaseLost,
     Store,
@@ -425,7 +424,3 @@ class JobRunner:
             )  # fmt: skip
             job.history = [epoch_row(r) for r in state.history]
         return model, optimizer, state, (x, y, validation)
-
-
-def is_terminal(state: str) -> bool:
-    return state in TERMINAL
