@@ -1,9 +1,11 @@
 """Fully connected layer: y = x @ w.T + b, with w (out_features, in_features) as in PyTorch.
 
 The batch is split into one contiguous block of rows per thread; each block is one GEMM.
-Backward gives dx = dy @ w, dw = dy.T @ x and db = sum of dy over the batch, the weight
-gradient summed per thread and reduced in a fixed order. As for convolutions, a fused ReLU is
-applied in the forward's epilogue and its derivative in the backward's first pass.
+Backward gives dx = dy @ w, dw = dy.T @ x and db = sum of dy over the batch. Each thread
+computes a block of rows of dw over the whole batch (rather than a whole dw over part of the
+batch): no per-thread copies of dw to sum, and the GEMM's inner dimension is the full batch.
+As for convolutions, a fused ReLU is applied in the forward's epilogue and its derivative in
+the backward's first pass.
 """
 
 from __future__ import annotations
@@ -42,29 +44,44 @@ def _forward_serial(x, w, b, relu, out):
 
 
 @njit(nogil=True, cache=True)
-def _backward_rows(dout, x, w, y, relu, need_dx, dx, lo, hi, dy, dw):
-    O = w.shape[0]
-    d = dy[lo:hi]
-    for i in range(hi - lo):
+def _mask_rows(dout, y, relu, dy, dyt, lo, hi):
+    """dy = dout with the fused ReLU's derivative applied, and its transpose, rows [lo, hi)."""
+    O = dout.shape[1]
+    for i in range(lo, hi):
         for o in range(O):
-            g = dout[lo + i, o]
-            d[i, o] = 0 if relu and y[lo + i, o] <= 0 else g
-    np.dot(d.T, x[lo:hi], dw)
-    if need_dx:
-        np.dot(d, w, dx[lo:hi])
-
-
-@njit(nogil=True, cache=True, parallel=True)
-def _backward_parallel(dout, x, w, y, relu, need_dx, dx, dy, dw_t, T):
-    N = x.shape[0]
-    for t in prange(T):
-        _backward_rows(dout, x, w, y, relu, need_dx, dx, t * N // T, (t + 1) * N // T, dy,
-                       dw_t[t])  # fmt: skip
+            g = dout[i, o]
+            if relu and y[i, o] <= 0:
+                g = 0
+            dy[i, o] = g
+            dyt[o, i] = g
 
 
 @njit(nogil=True, cache=True)
-def _backward_serial(dout, x, w, y, relu, need_dx, dx, dy, dw_t):
-    _backward_rows(dout, x, w, y, relu, need_dx, dx, 0, x.shape[0], dy, dw_t[0])
+def _backward_block(x, w, need_dx, dx, dy, dyt, dw, t, T):
+    # Thread t owns rows [o0, o1) of dW (the whole batch is the GEMM's inner dimension, so
+    # there is no per-thread copy of dW to reduce) and rows [n0, n1) of dx.
+    O, N = w.shape[0], x.shape[0]
+    o0, o1 = t * O // T, (t + 1) * O // T
+    if o1 > o0:
+        np.dot(dyt[o0:o1], x, dw[o0:o1])
+    n0, n1 = t * N // T, (t + 1) * N // T
+    if need_dx and n1 > n0:
+        np.dot(dy[n0:n1], w, dx[n0:n1])
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _backward_parallel(dout, x, w, y, relu, need_dx, dx, dy, dyt, dw, T):
+    N = x.shape[0]
+    for t in prange(T):
+        _mask_rows(dout, y, relu, dy, dyt, t * N // T, (t + 1) * N // T)
+    for t in prange(T):
+        _backward_block(x, w, need_dx, dx, dy, dyt, dw, t, T)
+
+
+@njit(nogil=True, cache=True)
+def _backward_serial(dout, x, w, y, relu, need_dx, dx, dy, dyt, dw):
+    _mask_rows(dout, y, relu, dy, dyt, 0, x.shape[0])
+    _backward_block(x, w, need_dx, dx, dy, dyt, dw, 0, 1)
 
 
 def _threads(N: int, macs: int) -> int:
@@ -111,14 +128,12 @@ def linear_backward(
     relu = y is not None
     ymask = np.ascontiguousarray(y) if relu else dout
     dy = np.empty_like(dout)
+    dyt = np.empty((dout.shape[1], N), dtype=dout.dtype)
+    dw = np.empty_like(w)
     T = _threads(N, N * w.size)
-    dw_t = np.empty((T, *w.shape), dtype=x.dtype)
     if T == 1:
-        _backward_serial(dout, x, w, ymask, relu, need_dx, dx, dy, dw_t)
+        _backward_serial(dout, x, w, ymask, relu, need_dx, dx, dy, dyt, dw)
     else:
-        _backward_parallel(dout, x, w, ymask, relu, need_dx, dx, dy, dw_t, T)
-    dw = dw_t[0].copy()
-    for t in range(1, T):
-        dw += dw_t[t]
+        _backward_parallel(dout, x, w, ymask, relu, need_dx, dx, dy, dyt, dw, T)
     db = dy.sum(axis=0, dtype=np.float64).astype(x.dtype)
     return (dx if need_dx else None), dw, db

@@ -24,43 +24,89 @@ PARALLEL_MIN = 1 << 15  # elements below which one thread is faster
 def _maxpool_planes(xf, H, W, kh, kw, sh, sw, ph, pw, OH, OW, out, argmax, lo, hi):
     """Planes [lo, hi) of x (flat (N*C*H*W,)) into out/argmax (flat (N*C*OH*OW,))."""
     for p in range(lo, hi):
+        for r in range(OH):
+            _maxpool_row(xf, p * H * W, H, W, kh, kw, sh, sw, ph, pw, r, OW, out, argmax,
+                         p * OH * OW + r * OW)  # fmt: skip
+
+
+@njit(nogil=True, cache=True)
+def _maxpool2x2_planes(xf, H, W, OH, OW, out, argmax, lo, hi):
+    """_maxpool_planes for the common 2x2 window with stride 2 and no padding, with the same
+    tie and NaN rules. The inner loop is branch-free so that it vectorises (on real activations
+    the comparisons are coin flips, and mispredicted branches cost more than the reads); a row
+    that holds a NaN is redone by the general loop."""
+    for p in range(lo, hi):
         xb = p * H * W
         ob = p * OH * OW
         for r in range(OH):
-            h0 = r * sh - ph
-            a_lo, a_hi = max(h0, 0), min(h0 + kh, H)
+            i0 = 2 * r * W
+            o0 = ob + r * OW
+            nan = False
             for q in range(OW):
-                w0 = q * sw - pw
-                b_lo, b_hi = max(w0, 0), min(w0 + kw, W)
-                best_i = a_lo * W + b_lo
-                best = xf[xb + best_i]
-                nan_i = -1
-                for a in range(a_lo, a_hi):
-                    for b in range(b_lo, b_hi):
-                        i = a * W + b
-                        v = xf[xb + i]
-                        if v > best:  # strictly: the first maximum wins, as in PyTorch
-                            best = v
-                            best_i = i
-                        if v != v and nan_i < 0:  # noqa: PLR0124  (NaN test, kept cheap)
-                            nan_i = i
-                if nan_i >= 0:  # PyTorch propagates NaN: the first one wins the window
-                    best = xf[xb + nan_i]
-                    best_i = nan_i
-                out[ob + r * OW + q] = best
-                argmax[ob + r * OW + q] = best_i
+                i = i0 + 2 * q
+                v0, v1 = xf[xb + i], xf[xb + i + 1]
+                v2, v3 = xf[xb + i + W], xf[xb + i + W + 1]
+                c = v1 > v0  # strictly greater: the first maximum wins
+                best = v1 if c else v0
+                bi = i + 1 if c else i
+                c = v2 > best
+                best = v2 if c else best
+                bi = i + W if c else bi
+                c = v3 > best
+                best = v3 if c else best
+                bi = i + W + 1 if c else bi
+                out[o0 + q] = best
+                argmax[o0 + q] = bi
+                nan |= (v0 != v0) | (v1 != v1) | (v2 != v2) | (v3 != v3)  # noqa: PLR0124
+            if nan:
+                _maxpool_row(xf, xb, H, W, 2, 2, 2, 2, 0, 0, r, OW, out, argmax, o0)
+
+
+@njit(nogil=True, cache=True)
+def _maxpool_row(xf, xb, H, W, kh, kw, sh, sw, ph, pw, r, OW, out, argmax, o0):
+    """Output row r of the plane at xf[xb:] into out/argmax[o0:]."""
+    h0 = r * sh - ph
+    a_lo, a_hi = max(h0, 0), min(h0 + kh, H)
+    for q in range(OW):
+        w0 = q * sw - pw
+        b_lo, b_hi = max(w0, 0), min(w0 + kw, W)
+        best_i = a_lo * W + b_lo
+        best = xf[xb + best_i]
+        nan_i = -1
+        for a in range(a_lo, a_hi):
+            for b in range(b_lo, b_hi):
+                i = a * W + b
+                v = xf[xb + i]
+                if v > best:  # strictly: the first maximum wins, as in PyTorch
+                    best = v
+                    best_i = i
+                if v != v and nan_i < 0:  # noqa: PLR0124  (NaN test, kept cheap)
+                    nan_i = i
+        if nan_i >= 0:  # PyTorch propagates NaN: the first one wins the window
+            best = xf[xb + nan_i]
+            best_i = nan_i
+        out[o0 + q] = best
+        argmax[o0 + q] = best_i
+
+
+@njit(nogil=True, cache=True)
+def _maxpool_any(xf, H, W, kh, kw, sh, sw, ph, pw, OH, OW, out, argmax, lo, hi):
+    if kh == 2 and kw == 2 and sh == 2 and sw == 2 and ph == 0 and pw == 0:
+        _maxpool2x2_planes(xf, H, W, OH, OW, out, argmax, lo, hi)
+    else:
+        _maxpool_planes(xf, H, W, kh, kw, sh, sw, ph, pw, OH, OW, out, argmax, lo, hi)
 
 
 @njit(nogil=True, cache=True, parallel=True)
 def _maxpool_parallel(xf, H, W, kh, kw, sh, sw, ph, pw, OH, OW, out, argmax, planes, T):
     for t in prange(T):
-        _maxpool_planes(xf, H, W, kh, kw, sh, sw, ph, pw, OH, OW, out, argmax,
-                        t * planes // T, (t + 1) * planes // T)  # fmt: skip
+        _maxpool_any(xf, H, W, kh, kw, sh, sw, ph, pw, OH, OW, out, argmax,
+                     t * planes // T, (t + 1) * planes // T)  # fmt: skip
 
 
 @njit(nogil=True, cache=True)
 def _maxpool_serial(xf, H, W, kh, kw, sh, sw, ph, pw, OH, OW, out, argmax, planes):
-    _maxpool_planes(xf, H, W, kh, kw, sh, sw, ph, pw, OH, OW, out, argmax, 0, planes)
+    _maxpool_any(xf, H, W, kh, kw, sh, sw, ph, pw, OH, OW, out, argmax, 0, planes)
 
 
 @njit(nogil=True, cache=True)

@@ -353,3 +353,29 @@ def test_relu_propagates_nan_on_every_path(dtype: Any) -> None:
     np.testing.assert_array_equal(conv.ravel(), expected)
     lin = kernels.linear_forward(x.reshape(6, 1), np.ones((1, 1), dtype), None, relu=True)
     np.testing.assert_array_equal(lin.ravel(), expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("kernel", "stride"), [(2, None), (3, 2), (2, 1)])
+def test_maxpool_nan_wins_its_window(dtype: Any, kernel: int, stride: int | None) -> None:
+    """A NaN in a window is its maximum, as in PyTorch, and the first NaN in row-major window
+    order receives the gradient; windows without NaN are untouched. Covers the 2x2 stride-2
+    fast path (a row holding a NaN is redone by the general loop) and the general loop, on
+    planes large enough for the parallel driver."""
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((4, 16, 12, 12)).astype(dtype)
+    x[0, 0, 0, 1] = np.nan  # second cell of the first window
+    x[0, 0, 1, 0] = np.nan  # third cell of the same window: the earlier NaN wins
+    x[3, 15, 11, 11] = np.nan  # the last cell of the last plane
+    x[1, 2, 4, 4:6] = np.inf
+    y, argmax = kernels.maxpool2d_forward(x, kernel, stride)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(ref.maxpool2d_forward(x, kernel, stride)))
+    finite = ~np.isnan(y)
+    np.testing.assert_array_equal(y[finite], ref.maxpool2d_forward(x, kernel, stride)[finite])
+    # np.argmax, which the reference's backward uses, also picks the first NaN.
+    dout = rng.standard_normal(y.shape).astype(dtype)
+    dx = kernels.maxpool2d_backward(dout, argmax, x.shape)
+    _close(dx, ref.maxpool2d_backward(dout.astype(np.float64), x, kernel, stride), dtype)
+    if kernel == 2 and stride is None:
+        assert argmax[0, 0, 0, 0] == 1  # flat index of (0, 1) in the 12x12 plane
+        assert argmax[3, 15, 5, 5] == 11 * 12 + 11
