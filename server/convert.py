@@ -13,7 +13,14 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from cnnd.client import _convert
-from cnnd.client._convert import DTYPE_ENUMS, DTYPE_NAMES, DTYPES, encode_tensor, spec_to_proto
+from cnnd.client._convert import (  # encode_tensor: re-exported for the handlers
+    DTYPE_ENUMS,
+    DTYPE_NAMES,
+    DTYPES,
+    encode_tensor,  # noqa: F401
+    spec_to_proto,
+)
+from cnnd.core.kernels import softmax
 from cnnd.server.errors import InvalidArgument
 from cnnd.server.store.base import DatasetRecord, JobRecord, ModelRecord, VersionRecord
 from cnnd.v1 import datasets_pb2, inference_pb2, jobs_pb2, models_pb2, tensor_pb2
@@ -267,11 +274,18 @@ def train_request_from_config(cfg: dict[str, Any]) -> jobs_pb2.TrainRequest:
 def infer_response(
     model_id: str, version: int, logits: np.ndarray, request_id: str = ""
 ) -> inference_pb2.InferResponse:
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    probs = e / e.sum(axis=1, keepdims=True)
-    return inference_pb2.InferResponse(
-        model_id=model_id, version=version, logits=encode_tensor(logits),
-        probabilities=encode_tensor(probs.astype(np.float32)),
-        classes=logits.argmax(axis=1).tolist(), request_id=request_id,
+    # Fields are filled in place: building Tensor messages first and passing them in copies
+    # them, which is measurable at one sample per call.
+    out = inference_pb2.InferResponse(
+        model_id=model_id, version=version, classes=logits.argmax(axis=1).tolist(),
+        request_id=request_id,
     )  # fmt: skip
+    _fill_f32(out.logits, logits)
+    _fill_f32(out.probabilities, softmax(logits))
+    return out
+
+
+def _fill_f32(t: tensor_pb2.Tensor, a: np.ndarray) -> None:
+    t.shape.extend(a.shape)
+    t.dtype = tensor_pb2.DATA_TYPE_FLOAT32
+    t.data = np.ascontiguousarray(a, dtype="<f4").tobytes()

@@ -52,8 +52,27 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float
     return float(loss), dlogits, int(correct)
 
 
+@njit(nogil=True, cache=True)
+def _softmax_rows(z, out):
+    for i in range(z.shape[0]):
+        m = z[i, 0]
+        for k in range(1, z.shape[1]):
+            m = max(m, z[i, k])
+        s = 0.0
+        for k in range(z.shape[1]):
+            e = np.exp(z[i, k] - m)
+            out[i, k] = e
+            s += e
+        for k in range(z.shape[1]):
+            out[i, k] /= s
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of logits (N, K), stable for large values."""
-    z = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    """Row-wise softmax of logits (N, K), stable for large values; a NaN logit makes its row
+    NaN. One compiled pass: Infer calls this per request, where NumPy's five small array
+    operations cost more than the network's forward pass."""
+    z = np.ascontiguousarray(logits)
+    out = np.empty_like(z)
+    if z.size:
+        _softmax_rows(z, out)
+    return out

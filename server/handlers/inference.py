@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 
@@ -25,7 +26,7 @@ def decode_input(deps: Deps, loaded: Loaded, t: inference_pb2.InferRequest) -> n
         raise InvalidArgument("input is required", "input")
     expected = loaded.model.input_shape
     max_batch = deps.config.limits.max_infer_batch
-    x = convert.decode_tensor(t.input, "input", max_batch * int(np.prod(expected)))
+    x = convert.decode_tensor(t.input, "input", max_batch * math.prod(expected))
     if x.ndim != 4 or tuple(x.shape[1:]) != expected:
         raise InvalidArgument(
             f"input has shape {list(x.shape)}; model {loaded.record.name} expects "
