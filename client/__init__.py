@@ -1,9 +1,9 @@
 """cnnd.client: the Python SDK for a cnnd server.
 
-    from cnnd.client import Client
+    from cnnd.client import Batching, Client
 
     with Client("127.0.0.1:50051") as c:
-        model = c.create_model(spec, name="lenet")
+        model = c.create_model(spec, name="lenet", batching=Batching(max_batch_size=32))
         data = c.upload_dataset(x, y, name="digits")
         job = c.train(model, data, epochs=5, optimizer="adam", lr=1e-3, validation=0.2)
         job.wait()                                  # live progress bar
@@ -29,6 +29,7 @@ from cnnd.client._errors import (
     Unavailable,
 )
 from cnnd.client._types import (
+    Batching,
     Dataset,
     EpochMetrics,
     InferResult,
@@ -45,6 +46,7 @@ from cnnd.client._types import (
 __all__ = [
     "TLS",
     "AlreadyExists",
+    "Batching",
     "Cancelled",
     "Client",
     "CnndError",

@@ -29,6 +29,7 @@ from cnnd.client._errors import (
 from cnnd.client._progress import JobProgress, byte_bar
 from cnnd.client._types import (
     JOB_STATES,
+    Batching,
     Dataset,
     InferResult,
     Inspection,
@@ -52,6 +53,13 @@ IDEMPOTENT = (
     "GetModel", "ListModels", "GetDataset", "ListDatasets", "GetJob", "ListJobs", "WatchJob",
     "Infer", "Inspect", "ExportModel",
 )  # fmt: skip
+
+# Batching's fields as UpdateModel's update_mask names them.
+BATCHING_PATHS = {
+    "max_batch_size": "batching.max_batch_size",
+    "max_queue_delay_us": "batching.max_queue_delay_us",
+    "enabled": "batching.disabled",
+}
 
 ModelRef = Model | str
 DatasetRef = Dataset | str
@@ -220,17 +228,42 @@ class Client:
         raise Unavailable(f"{self.target} was not SERVING after {timeout:g} s{why}")
 
     # --- models -------------------------------------------------------------------------
-    def create_model(self, spec: dict[str, Any], name: str, seed: int = 0) -> Model:
+    def create_model(
+        self, spec: dict[str, Any], name: str, seed: int = 0, batching: Batching | None = None
+    ) -> Model:
         """Create a model from a spec dict (see cnnd.core.spec): ``{"input_shape": [C, H, W],
         "layers": [{"type": "conv2d", ...}, ...]}``, ending in flatten and linear. Its initial
         weights are drawn from ``seed``; it has no trained version yet (latest_version 0).
+        ``batching`` sets how its Infer calls are batched (default: the server's settings).
         Never retried (a retry after a lost reply would fail with AlreadyExists)."""
         try:
             proto = spec_to_proto(spec)
         except (ValueError, TypeError) as e:
             raise InvalidArgument(f"spec: {e}") from None
-        req = models_pb2.CreateModelRequest(name=name, spec=proto, seed=seed)
+        req = models_pb2.CreateModelRequest(
+            name=name, spec=proto, seed=seed, batching=(batching or Batching()).to_proto()
+        )
         return Model.from_proto(self._call("CreateModel", req).model)
+
+    def update_model(
+        self, model: ModelRef, *, batching: Batching, fields: Iterable[str] | None = None
+    ) -> Model:
+        """Change how a model's Infer calls are batched, without recreating it; returns the
+        model. ``fields`` names the fields of ``batching`` that change ("max_batch_size",
+        "max_queue_delay_us", "enabled"), the others keep their values; None changes all of
+        them, so the policy becomes ``batching`` (None fields: the server's defaults). Calls
+        use it from the next one on (on other replicas within 0.25 s). Never retried."""
+        names = list(BATCHING_PATHS) if fields is None else list(fields)
+        unknown = [f for f in names if f not in BATCHING_PATHS]
+        if unknown or not names:  # an empty mask would mean "the fields that are set"
+            raise InvalidArgument(f"fields must name some of {list(BATCHING_PATHS)}: {names}")
+        req = models_pb2.UpdateModelRequest(
+            model_id=_key(model, Model, "model"), batching=batching.to_proto()
+        )
+        req.update_mask.paths.extend(
+            ["batching"] if fields is None else [BATCHING_PATHS[f] for f in names]
+        )
+        return Model.from_proto(self._call("UpdateModel", req).model)
 
     def get_model(self, model: ModelRef) -> Model:
         """A model (a Model, or an id or name), with its versions and their training history."""
@@ -269,14 +302,18 @@ class Client:
         os.replace(tmp, path)
         return path
 
-    def import_model(self, path: str | os.PathLike[str], name: str) -> Model:
+    def import_model(
+        self, path: str | os.PathLike[str], name: str, batching: Batching | None = None
+    ) -> Model:
         """Create a model named ``name`` from a .npz written by ``export_model`` (or any
         archive with the same state_dict names and ``__spec__``); its weights become
-        version 1. Never retried."""
+        version 1. ``batching`` as in ``create_model``. Never retried."""
         data = Path(path).read_bytes()
 
         def requests() -> Iterator[models_pb2.ImportModelRequest]:
-            header = models_pb2.ImportModelHeader(name=name, size_bytes=len(data))
+            header = models_pb2.ImportModelHeader(
+                name=name, size_bytes=len(data), batching=(batching or Batching()).to_proto()
+            )
             yield models_pb2.ImportModelRequest(header=header)
             for lo in range(0, len(data), CHUNK_BYTES):
                 yield models_pb2.ImportModelRequest(chunk=data[lo : lo + CHUNK_BYTES])

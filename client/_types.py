@@ -91,6 +91,35 @@ class ModelVersion:
 
 
 @dataclass(frozen=True)
+class Batching:
+    """How the server batches a model's Infer calls, as Triton's model configuration sets it:
+    calls that arrive together run as one forward pass of at most ``max_batch_size`` samples,
+    which waits up to ``max_queue_delay_us`` microseconds for more calls (only while more are
+    on their way). None takes the server's default (``--batching-max-batch-size``,
+    ``--batching-max-queue-delay-us``); ``enabled=False`` runs each call alone."""
+
+    max_batch_size: int | None = None
+    max_queue_delay_us: int | None = None
+    enabled: bool = True
+
+    def to_proto(self) -> models_pb2.BatchingPolicy:
+        p = models_pb2.BatchingPolicy(
+            max_batch_size=self.max_batch_size, max_queue_delay_us=self.max_queue_delay_us
+        )
+        if not self.enabled:  # enabled is the default: sent only when it is not
+            p.disabled = True
+        return p
+
+    @classmethod
+    def from_proto(cls, p: models_pb2.BatchingPolicy) -> Batching:
+        return cls(
+            max_batch_size=p.max_batch_size if p.HasField("max_batch_size") else None,
+            max_queue_delay_us=p.max_queue_delay_us if p.HasField("max_queue_delay_us") else None,
+            enabled=not p.disabled,
+        )
+
+
+@dataclass(frozen=True)
 class Model:
     id: str
     name: str
@@ -103,6 +132,7 @@ class Model:
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     macs: int
+    batching: Batching = Batching()  # the model's own settings; None fields: server defaults
 
     @classmethod
     def from_proto(cls, m: models_pb2.Model) -> Model:
@@ -118,6 +148,7 @@ class Model:
             input_shape=tuple(m.spec.input_shape),
             output_shape=tuple(m.output_shape),
             macs=m.macs,
+            batching=Batching.from_proto(m.batching),
         )
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from cnnd.client import _errors as errors
 from cnnd.client._client import TLS, Client
-from cnnd.client._types import Dataset, Inspection, Job, Model
+from cnnd.client._types import Batching, Dataset, Inspection, Job, Model
 
 EXIT_CODES: dict[type[errors.CnndError], int] = {
     errors.NotFound: 3,
@@ -100,6 +100,18 @@ def _when(t: datetime | None) -> str:
     return t.astimezone().strftime("%Y-%m-%d %H:%M:%S") if t else "-"
 
 
+def _batching(b: Batching) -> str:
+    """A BATCHING cell: "off", "default" (the server's settings) or what the model sets."""
+    if not b.enabled:
+        return "off"
+    parts = []
+    if b.max_batch_size is not None:
+        parts.append(f"size<={b.max_batch_size}")
+    if b.max_queue_delay_us is not None:
+        parts.append(f"delay<={b.max_queue_delay_us}us")
+    return ",".join(parts) or "default"
+
+
 def show_models(models: list[Model], as_json: bool) -> None:
     if as_json:
         return print_json(models)
@@ -112,10 +124,11 @@ def show_models(models: list[Model], as_json: bool) -> None:
                 f"{m.parameter_count:,}",
                 m.latest_version,
                 _when(m.created),
+                _batching(m.batching),
             )
             for m in models
         ],
-        ("ID", "NAME", "INPUT", "PARAMS", "VERSION", "CREATED"),
+        ("ID", "NAME", "INPUT", "PARAMS", "VERSION", "CREATED", "BATCHING"),
     )
     return None
 
@@ -322,7 +335,26 @@ def cmd_create(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as e:
         raise CliError(f"{args.spec} is not valid JSON: {e}") from e
     with _client(args) as c:
-        m = c.create_model(spec, name=args.name, seed=args.seed)
+        m = c.create_model(spec, name=args.name, seed=args.seed, batching=_batching_of(args))
+    print_json(m) if args.json else show_models([m], False)
+    return 0
+
+
+def _batching_of(args: argparse.Namespace) -> Batching:
+    return Batching(args.max_batch_size, args.max_queue_delay_us, args.batching is not False)
+
+
+def cmd_update_model(args: argparse.Namespace) -> int:
+    given = {"max_batch_size": args.max_batch_size, "max_queue_delay_us": args.max_queue_delay_us,
+             "enabled": args.batching}  # fmt: skip
+    fields = None if args.reset_batching else [f for f, v in given.items() if v is not None]
+    if fields == []:
+        raise CliError(
+            "nothing to update: give --max-batch-size, --max-queue-delay-us, "
+            "--batching / --no-batching or --reset-batching"
+        )
+    with _client(args) as c:
+        m = c.update_model(args.model, batching=_batching_of(args), fields=fields)
     print_json(m) if args.json else show_models([m], False)
     return 0
 
@@ -448,7 +480,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     if not Path(args.file).is_file():
         raise CliError(f"no such file: {args.file}")
     with _client(args) as c:
-        m = c.import_model(args.file, name=args.name)
+        m = c.import_model(args.file, name=args.name, batching=_batching_of(args))
     print_json(m) if args.json else show_models([m], False)
     return 0
 
@@ -480,6 +512,16 @@ def _connection_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-server-name", help="name to check in the server's certificate")
     g.add_argument("--timeout", type=float, default=60.0, help="deadline per call, seconds")
     g.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def _batching_flags(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
+    g = p.add_argument_group("dynamic batching of Infer (default: the server's settings)")
+    g.add_argument("--max-batch-size", type=int, metavar="N", help="most samples in one batch")
+    g.add_argument("--max-queue-delay-us", type=int, metavar="N",
+                   help="longest a batch waits for more calls, in microseconds")  # fmt: skip
+    g.add_argument("--batching", action=argparse.BooleanOptionalAction,
+                   help="--no-batching: run each Infer call alone")  # fmt: skip
+    return g
 
 
 def build_parser(serve_flags: bool = True) -> argparse.ArgumentParser:
@@ -534,6 +576,14 @@ def build_parser(serve_flags: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--spec", required=True, help="JSON file: {input_shape, layers}")
     p.add_argument("--name", required=True)
     p.add_argument("--seed", type=int, default=0)
+    _batching_flags(p)
+
+    p = add("update-model", cmd_update_model, "change how a model's Infer calls are batched")
+    p.add_argument("model", help="model id or name")
+    _batching_flags(p).add_argument(
+        "--reset-batching", action="store_true",
+        help="back to the server's settings, but for the flags given here",
+    )  # fmt: skip
 
     p = add("upload", cmd_upload, "upload a dataset from a .npz holding x (N,C,H,W) and y (N,)")
     p.add_argument("file")
@@ -586,6 +636,7 @@ def build_parser(serve_flags: bool = True) -> argparse.ArgumentParser:
     p = add("import", cmd_import, "create a model from an exported .npz")
     p.add_argument("file")
     p.add_argument("--name", required=True)
+    _batching_flags(p)
 
     add("health", cmd_health, "print SERVING or NOT_SERVING")
     return parser

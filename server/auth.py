@@ -3,8 +3,10 @@
 Tokens come from a file (``--tokens-file``: one ``ROLE TOKEN`` per line, ``#`` comments) and/or
 the environment (``CNND_ADMIN_TOKEN``, ``CNND_INFER_TOKEN``; comma-separated for several).
 ``admin`` may do everything; ``infer`` may read: Infer, InferStream, Inspect, Get*, List*,
-WatchJob and ExportModel. Tokens are compared in constant time, and every configured token is
-compared, so the time taken does not reveal which one nearly matched.
+WatchJob and ExportModel (``READ_METHODS``). The methods that change something
+(``ADMIN_METHODS``) need ``admin``, as does any method that is in neither set (a test checks
+that every method of the service is in exactly one). Tokens are compared in constant time, and
+every configured token is compared, so the time taken does not reveal which one nearly matched.
 
 The gRPC health service stays open (Kubernetes probes send no metadata), as does reflection,
 which only describes the public API.
@@ -35,6 +37,12 @@ READ_METHODS = frozenset(
     {
         "Infer", "InferStream", "Inspect", "GetModel", "ListModels", "GetDataset",
         "ListDatasets", "GetJob", "ListJobs", "WatchJob", "ExportModel",
+    }
+)  # fmt: skip
+ADMIN_METHODS = frozenset(
+    {
+        "CreateModel", "UpdateModel", "DeleteModel", "ImportModel", "UploadDataset",
+        "DeleteDataset", "Train", "CancelJob",
     }
 )  # fmt: skip
 

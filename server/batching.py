@@ -6,6 +6,10 @@ is queued at once; it waits up to ``max_queue_delay_us`` for more only while oth
 on their way (decoded but not yet queued), so a lone caller never waits (it even runs in its
 own thread) and a busy server fills its batches. Larger batches amortise the per-call overhead
 of the engine's kernels.
+
+Each model may set its own ``max_batch_size`` and ``max_queue_delay_us``, or turn batching
+off (its ``BatchingPolicy``, merged over the server's ``BatchingConfig``). Every call brings
+the model's current record, so a queue follows a policy update from the next call on.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 from cnnd.core import Sequential
 from cnnd.server.config import BatchingConfig
 from cnnd.server.registry import Loaded
+from cnnd.server.store.base import BatchingPolicy
 
 log = logging.getLogger("cnnd.batching")
 IDLE_SECONDS = 60.0  # a queue's worker exits after this long without work
@@ -41,10 +46,13 @@ class _Request:
 class _Queue:
     """The pending calls of one model version and the thread that runs them."""
 
-    def __init__(self, batcher: Batcher, key: tuple[str, int], model: Sequential) -> None:
+    def __init__(
+        self, batcher: Batcher, key: tuple[str, int], model: Sequential, policy: BatchingPolicy
+    ) -> None:
         self.batcher = batcher
         self.key = key
         self.model = model
+        self.policy = policy  # the model's, as of the latest call (see Batcher.arriving)
         self.items: deque[_Request] = deque()
         self.cond = threading.Condition()
         self.arriving = 0  # callers between decode and enqueue
@@ -54,15 +62,15 @@ class _Queue:
         self.thread.start()
 
     def _take(self) -> list[_Request] | None:
-        cfg = self.batcher.config
         with self.cond:
             while not self.items:
                 if not self.cond.wait(IDLE_SECONDS) and not self.items:
                     return None
-            deadline = time.perf_counter() + cfg.max_queue_delay_us / 1e6
+            max_size, delay_us = self.batcher.limits(self.policy)
+            deadline = time.perf_counter() + delay_us / 1e6
             batch, size = [], 0
             while True:
-                while self.items and size + len(self.items[0].x) <= cfg.max_batch_size:
+                while self.items and size + len(self.items[0].x) <= max_size:
                     r = self.items.popleft()
                     batch.append(r)
                     size += len(r.x)
@@ -70,7 +78,7 @@ class _Queue:
                     r = self.items.popleft()
                     return [r]
                 left = deadline - time.perf_counter()
-                full = size >= cfg.max_batch_size or bool(self.items)  # the next one won't fit
+                full = size >= max_size or bool(self.items)  # the next one won't fit
                 if full or left <= 0 or self.arriving == 0:
                     return batch
                 self.cond.wait(left)
@@ -116,23 +124,36 @@ class _Queue:
 
 class Batcher:
     def __init__(self, config: BatchingConfig, metrics: Any = None) -> None:
-        self.config = config
+        self.config = config  # the defaults of models that set no policy of their own
         self.metrics = metrics
         self._queues: dict[tuple[str, int], _Queue] = {}
         self._lock = threading.Lock()
+
+    def limits(self, policy: BatchingPolicy) -> tuple[int, int]:
+        """(max_batch_size, max_queue_delay_us) of a model: its own, else the server's."""
+        size, delay = policy.max_batch_size, policy.max_queue_delay_us
+        return (
+            self.config.max_batch_size if size is None else size,
+            self.config.max_queue_delay_us if delay is None else delay,
+        )
 
     @contextlib.contextmanager
     def arriving(self, loaded: Loaded) -> Iterator[Callable[[np.ndarray], np.ndarray]]:
         """Announce a call before its input is decoded (so that the worker may wait for it);
         yields ``run(x) -> logits`` for x (N, C, H, W), computed in a batch with other
-        callers' inputs."""
+        callers' inputs, or alone when the model's policy turns batching off."""
+        policy = loaded.record.batching
+        if policy.disabled:
+            yield lambda x: self._alone(loaded.model, x)
+            return
         key = (loaded.record.id, loaded.version)
         with self._lock:
             q = self._queues.get(key)
             if q is None or not q.alive:
-                q = self._queues[key] = _Queue(self, key, loaded.model)
+                q = self._queues[key] = _Queue(self, key, loaded.model, policy)
             with q.cond:
                 q.arriving += 1
+                q.policy = policy  # the worker's next batch uses it
         queued = False
 
         def run(x: np.ndarray) -> np.ndarray:
@@ -169,6 +190,16 @@ class Batcher:
                 with q.cond:
                     q.arriving -= 1
                     q.cond.notify()
+
+    def _alone(self, model: Sequential, x: np.ndarray) -> np.ndarray:
+        """A call of a model that does not batch: its own forward pass, in the caller's thread,
+        measured like a batch of one call."""
+        start = time.perf_counter()
+        logits = model.forward(x, train=False)
+        if self.metrics is not None:
+            self.metrics.infer_batch.observe(len(x))
+            self.metrics.infer_compute.observe(time.perf_counter() - start)
+        return logits
 
     def _retire(self, q: _Queue) -> bool:
         """An idle worker leaves unless a call arrived meanwhile."""

@@ -25,6 +25,12 @@ HELP = {
     "worker stops renewing",
     "worker_id": "name of this replica in job leases (default: host-pid)",
     "threads": "RPC worker threads (default: enough for --max-concurrent-rpcs and health)",
+    "batching_enabled": "batch Infer calls (--no-batching-enabled: no model batches, whatever "
+    "its own policy says)",
+    "batching_max_batch_size": "most samples per forward pass, for models that set no "
+    "max_batch_size of their own",
+    "batching_max_queue_delay_us": "longest a batch waits for more calls (microseconds), for "
+    "models that set no max_queue_delay_us of their own",
 }
 
 

@@ -42,7 +42,9 @@ class Limits:
 @dataclass
 class BatchingConfig:
     """Dynamic batching of Infer calls, as Triton does it: calls for the same model version
-    arriving within ``max_queue_delay_us`` are run as one batch of at most ``max_batch_size``."""
+    arriving within ``max_queue_delay_us`` are run as one batch of at most ``max_batch_size``.
+    Both are defaults: a model's own batching policy (UpdateModel) overrides them field by
+    field. ``enabled=False`` turns batching off for every model, whatever its policy."""
 
     enabled: bool = True
     max_batch_size: int = 64

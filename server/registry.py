@@ -115,6 +115,12 @@ class Registry:
             model.load_state_dict({k: v for k, v in arrays.items() if not k.startswith("__")})
         return model
 
+    def refresh(self, model_id: str) -> None:
+        """Drop the cached record of a model whose settings changed (its batching policy):
+        the next call reads it from the store. Built versions stay; their weights are the same."""
+        with self._lock:
+            self._records = {k: v for k, v in self._records.items() if v[1].id != model_id}
+
     def forget(self, model_id: str, version: int = 0) -> None:
         """Drop what is cached about a model: after a delete, or when it gained a version."""
         with self._lock:

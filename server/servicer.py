@@ -44,6 +44,12 @@ class CnndServicer(service_pb2_grpc.CnndServiceServicer):
         return models.list_models(self.deps, request)
 
     @rpc_errors
+    def UpdateModel(
+        self, request: models_pb2.UpdateModelRequest, context: Ctx
+    ) -> models_pb2.UpdateModelResponse:
+        return models_pb2.UpdateModelResponse(model=models.update_model(self.deps, request))
+
+    @rpc_errors
     def DeleteModel(
         self, request: models_pb2.DeleteModelRequest, context: Ctx
     ) -> models_pb2.DeleteModelResponse:

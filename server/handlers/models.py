@@ -1,4 +1,4 @@
-"""CreateModel, GetModel, ListModels, DeleteModel, ExportModel, ImportModel."""
+"""CreateModel, GetModel, ListModels, UpdateModel, DeleteModel, ExportModel, ImportModel."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from cnnd.core.io import load_npz, npz_bytes
 from cnnd.server import convert
 from cnnd.server.deps import Deps
 from cnnd.server.errors import InvalidArgument, ResourceExhausted
-from cnnd.server.store.base import ModelRecord, now
+from cnnd.server.store.base import BATCHING_FIELDS, BatchingPolicy, ModelRecord, now
 from cnnd.server.validate import (
     check_key,
     check_name,
@@ -28,17 +28,48 @@ from cnnd.v1 import models_pb2
 
 EXPORT_CHUNK = 1 << 20
 MAX_SEED = 2**63 - 1
+# A batch held longer than a second would cost more latency than any batch saves.
+MAX_QUEUE_DELAY_US = 1_000_000
 
 
 def model_message(deps: Deps, record: ModelRecord) -> models_pb2.Model:
     summary = deps.registry.summary(record)
-    return convert.model_to_proto(record, summary.output_shape, summary.macs)
+    out = convert.model_to_proto(record, summary.output_shape, summary.macs)
+    out.batching.CopyFrom(batching_to_proto(record.batching))
+    return out
+
+
+def batching_to_proto(policy: BatchingPolicy) -> models_pb2.BatchingPolicy:
+    return models_pb2.BatchingPolicy(**policy.to_dict())
+
+
+def batching_from_proto(
+    deps: Deps, p: models_pb2.BatchingPolicy, field: str = "batching"
+) -> BatchingPolicy:
+    """The policy of a request, every set field checked (INVALID_ARGUMENT naming it, as
+    ``<field>.max_batch_size``); unset fields stay None, the server's defaults."""
+    size = p.max_batch_size if p.HasField("max_batch_size") else None
+    limit = deps.config.limits.max_infer_batch  # a batch never exceeds what one call may send
+    if size is not None and not 1 <= size <= limit:
+        raise InvalidArgument(
+            f"{field}.max_batch_size must be in [1, {limit}] (--max-infer-batch), got {size}",
+            f"{field}.max_batch_size",
+        )
+    delay = p.max_queue_delay_us if p.HasField("max_queue_delay_us") else None
+    if delay is not None and not 0 <= delay <= MAX_QUEUE_DELAY_US:
+        raise InvalidArgument(
+            f"{field}.max_queue_delay_us must be in [0, {MAX_QUEUE_DELAY_US}], got {delay}",
+            f"{field}.max_queue_delay_us",
+        )
+    disabled = p.disabled if p.HasField("disabled") else None
+    return BatchingPolicy(max_batch_size=size, max_queue_delay_us=delay, disabled=disabled)
 
 
 def create_model(deps: Deps, req: models_pb2.CreateModelRequest) -> models_pb2.Model:
     check_name(req.name)
     if req.seed < 0:
         raise InvalidArgument(f"seed must be >= 0, got {req.seed}", "seed")
+    batching = batching_from_proto(deps, req.batching)
     spec = convert.spec_from_proto(req.spec)
     normalised, summary = validate_spec(spec, deps.config.limits.spec_limits())
     if len(summary.output_shape) != 1:
@@ -49,7 +80,7 @@ def create_model(deps: Deps, req: models_pb2.CreateModelRequest) -> models_pb2.M
         )
     record = ModelRecord(
         id=new_id("mdl"), name=req.name, spec=normalised, seed=req.seed,
-        parameter_count=summary.parameters, create_time=now(),
+        parameter_count=summary.parameters, create_time=now(), batching=batching,
     )  # fmt: skip
     deps.store.create_model(record)
     return model_message(deps, record)
@@ -66,6 +97,36 @@ def list_models(deps: Deps, req: models_pb2.ListModelsRequest) -> models_pb2.Lis
     if len(records) > size:
         out.next_page_token = encode_page_token(records[size - 1].id)
     return out
+
+
+def update_fields(req: models_pb2.UpdateModelRequest) -> list[str]:
+    """The BatchingPolicy fields an UpdateModel changes, from its update_mask (AIP-134)."""
+    if not req.update_mask.paths:  # implied: the fields the request sets
+        return [f for f in BATCHING_FIELDS if req.batching.HasField(f)]
+    fields: list[str] = []
+    for path in req.update_mask.paths:
+        name = path.removeprefix("batching.")
+        if path in ("*", "batching"):
+            fields += BATCHING_FIELDS
+        elif path.startswith("batching.") and name in BATCHING_FIELDS:
+            fields.append(name)
+        else:
+            known = ", ".join(["batching", *(f"batching.{f}" for f in BATCHING_FIELDS)])
+            raise InvalidArgument(
+                f"update_mask names {path[:80]!r}, which cannot be updated; use {known}",
+                "update_mask",
+            )
+    return list(dict.fromkeys(fields))
+
+
+def update_model(deps: Deps, req: models_pb2.UpdateModelRequest) -> models_pb2.Model:
+    key = check_key(req.model_id, "model_id")
+    batching = batching_from_proto(deps, req.batching)
+    fields = update_fields(req)
+    record = deps.registry.record(key)
+    updated = deps.store.update_model_batching(record.id, batching, fields)
+    deps.registry.refresh(record.id)  # this replica's next Infer sees it; others within the TTL
+    return model_message(deps, updated)
 
 
 def delete_model(deps: Deps, req: models_pb2.DeleteModelRequest) -> models_pb2.DeleteModelResponse:
@@ -133,6 +194,7 @@ def import_model(deps: Deps, requests: Iterable[models_pb2.ImportModelRequest]) 
         raise InvalidArgument("the first message must be a header", "header")
     header = first.header
     check_name(header.name, "header.name")
+    batching = batching_from_proto(deps, header.batching, "header.batching")
     limit = deps.config.limits.max_parameters * 4 + (16 << 20)
     if header.size_bytes < 0 or header.size_bytes > limit:
         raise ResourceExhausted(
@@ -165,7 +227,7 @@ def import_model(deps: Deps, requests: Iterable[models_pb2.ImportModelRequest]) 
         raise InvalidArgument("the model's output is not a vector of class scores", "chunk")
     record = ModelRecord(
         id=new_id("mdl"), name=header.name, spec=model.spec, seed=0,
-        parameter_count=summary.parameters, create_time=now(),
+        parameter_count=summary.parameters, create_time=now(), batching=batching,
     )  # fmt: skip
     deps.store.create_model(record)
     deps.store.add_version(record.id, npz_bytes(model_arrays(model)), "", "import", [])

@@ -15,8 +15,9 @@ the work of the one that took the job over.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,30 @@ def now() -> float:
     return time.time()
 
 
+@dataclass(frozen=True)
+class BatchingPolicy:
+    """A model's own dynamic-batching settings; None takes the server's default. Stored as the
+    JSON of ``to_dict`` (only the fields that are set), so a new field needs no migration."""
+
+    max_batch_size: int | None = None
+    max_queue_delay_us: int | None = None
+    disabled: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BatchingPolicy:
+        return cls(**{k: d[k] for k in BATCHING_FIELDS if k in d})
+
+    def merge(self, new: BatchingPolicy, fields: Collection[str]) -> BatchingPolicy:
+        """This policy with ``fields`` taken from ``new`` (None there: back to the default)."""
+        return dataclasses.replace(self, **{f: getattr(new, f) for f in fields})
+
+
+BATCHING_FIELDS = tuple(f.name for f in dataclasses.fields(BatchingPolicy))
+
+
 @dataclass
 class ModelRecord:
     id: str
@@ -47,6 +72,7 @@ class ModelRecord:
     parameter_count: int
     create_time: float
     versions: list[VersionRecord] = field(default_factory=list)
+    batching: BatchingPolicy = field(default_factory=BatchingPolicy)
 
     @property
     def latest_version(self) -> int:
@@ -138,6 +164,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def list_models(self, limit: int, after: str = "") -> list[ModelRecord]:
         """In creation order, starting after the model with id ``after``."""
+
+    @abc.abstractmethod
+    def update_model_batching(
+        self, model_id: str, batching: BatchingPolicy, fields: Collection[str]
+    ) -> ModelRecord:
+        """Set ``fields`` of the model's batching policy to their values in ``batching`` (None:
+        back to the server's default) and keep the others, in one transaction, so concurrent
+        updates of different fields both hold. Returns the model; NotFound when it is gone."""
 
     @abc.abstractmethod
     def delete_model(self, model_id: str) -> None:

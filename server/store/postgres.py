@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -52,6 +52,7 @@ from cnnd.server.store.base import (
     CANCELLED,
     QUEUED,
     RUNNING,
+    BatchingPolicy,
     DatasetRecord,
     DatasetWriter,
     JobRecord,
@@ -157,6 +158,11 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE blobs ALTER COLUMN data SET STORAGE EXTERNAL;
         """,
     ),
+    (
+        "per-model batching policies",
+        # BatchingPolicy.to_dict as JSON; '{}': the server's defaults
+        "ALTER TABLE models ADD COLUMN IF NOT EXISTS batching text NOT NULL DEFAULT '{}';",
+    ),
 ]
 
 _EPOCH_NOW = "extract(epoch FROM now())::float8"
@@ -248,6 +254,7 @@ def _model(r: dict[str, Any], versions: list[VersionRecord]) -> ModelRecord:
     return ModelRecord(
         id=r["id"], name=r["name"], spec=json.loads(r["spec"]), seed=r["seed"],
         parameter_count=r["parameter_count"], create_time=r["create_time"], versions=versions,
+        batching=BatchingPolicy.from_dict(json.loads(r["batching"])),
     )  # fmt: skip
 
 
@@ -465,11 +472,12 @@ class PostgresStore(Store):
         try:
             with self._tx() as conn:
                 conn.execute(
-                    "INSERT INTO models (id, name, spec, seed, parameter_count, create_time)"
-                    " VALUES (%s, %s, %s, %s, %s, %s)",
+                    "INSERT INTO models (id, name, spec, seed, parameter_count, create_time,"
+                    " batching) VALUES (%s, %s, %s, %s, %s, %s, %s)",
                     (
                         record.id, record.name, json.dumps(record.spec), record.seed,
                         record.parameter_count, record.create_time,
+                        json.dumps(record.batching.to_dict()),
                     ),
                 )  # fmt: skip
         except pg_errors.UniqueViolation as e:
@@ -492,6 +500,23 @@ class PostgresStore(Store):
                 (after, limit),
             ).fetchall()
             return self._with_versions(conn, rows)
+
+    def update_model_batching(
+        self, model_id: str, batching: BatchingPolicy, fields: Collection[str]
+    ) -> ModelRecord:
+        with self._tx() as conn:
+            # The row lock serialises updates of one model across replicas (read, merge, write).
+            row = conn.execute(
+                "SELECT batching FROM models WHERE id = %s FOR NO KEY UPDATE", (model_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no model {model_id!r}", "model_id")
+            merged = BatchingPolicy.from_dict(json.loads(row["batching"])).merge(batching, fields)
+            rows = conn.execute(
+                "UPDATE models SET batching = %s WHERE id = %s RETURNING *",
+                (json.dumps(merged.to_dict()), model_id),
+            ).fetchall()
+            return self._with_versions(conn, rows)[0]
 
     def delete_model(self, model_id: str) -> None:
         with self._tx() as conn:

@@ -23,7 +23,7 @@ import shutil
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from cnnd.server.store.base import (
     CANCELLED,
     QUEUED,
     RUNNING,
+    BatchingPolicy,
     DatasetRecord,
     DatasetWriter,
     JobRecord,
@@ -107,6 +108,10 @@ MIGRATIONS = [
     );
     CREATE INDEX jobs_state_seq ON jobs(state, seq);
     CREATE INDEX jobs_model ON jobs(model_id, seq);
+    """,
+    # 2: per-model batching policies (BatchingPolicy.to_dict as JSON; '{}': the defaults)
+    """
+    ALTER TABLE models ADD COLUMN batching TEXT NOT NULL DEFAULT '{}';
     """,
 ]
 
@@ -264,6 +269,7 @@ class SQLiteStore(Store):
         m = ModelRecord(
             id=row["id"], name=row["name"], spec=json.loads(row["spec"]), seed=row["seed"],
             parameter_count=row["parameter_count"], create_time=row["create_time"],
+            batching=BatchingPolicy.from_dict(json.loads(row["batching"])),
         )  # fmt: skip
         rows = self._db().execute(
             "SELECT * FROM versions WHERE model_id = ? ORDER BY version", (m.id,)
@@ -283,11 +289,13 @@ class SQLiteStore(Store):
             if db.execute("SELECT 1 FROM models WHERE name = ?", (record.name,)).fetchone():
                 raise AlreadyExists(f"a model named {record.name!r} already exists", "name")
             db.execute(
-                "INSERT INTO models VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM models),"
-                " ?, ?, ?, ?, ?)",
+                "INSERT INTO models (id, seq, name, spec, seed, parameter_count, create_time,"
+                " batching) VALUES (?, (SELECT COALESCE(MAX(seq), 0) + 1 FROM models),"
+                " ?, ?, ?, ?, ?, ?)",
                 (
                     record.id, record.name, json.dumps(record.spec), record.seed,
                     record.parameter_count, record.create_time,
+                    json.dumps(record.batching.to_dict()),
                 ),
             )  # fmt: skip
         return record
@@ -314,6 +322,21 @@ class SQLiteStore(Store):
             .fetchall()
         )
         return [self._model(r) for r in rows]
+
+    def update_model_batching(
+        self, model_id: str, batching: BatchingPolicy, fields: Collection[str]
+    ) -> ModelRecord:
+        with self._write() as db:
+            row = db.execute("SELECT batching FROM models WHERE id = ?", (model_id,)).fetchone()
+            if row is None:
+                raise NotFound(f"no model {model_id!r}", "model_id")
+            merged = BatchingPolicy.from_dict(json.loads(row[0])).merge(batching, fields)
+            db.execute(
+                "UPDATE models SET batching = ? WHERE id = ?",
+                (json.dumps(merged.to_dict()), model_id),
+            )
+            updated = db.execute("SELECT * FROM models WHERE id = ?", (model_id,)).fetchone()
+            return self._model(updated)
 
     def delete_model(self, model_id: str) -> None:
         with self._write() as db:

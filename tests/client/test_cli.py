@@ -108,8 +108,9 @@ def test_create_upload_train(ws: Workspace) -> None:
     for r in (ws.create, ws.upload, ws.train):
         assert r.returncode == 0, r.stderr
     header, row = rows(ws.create.stdout)
-    assert header == ["ID", "NAME", "INPUT", "PARAMS", "VERSION", "CREATED"]
+    assert header == ["ID", "NAME", "INPUT", "PARAMS", "VERSION", "CREATED", "BATCHING"]
     assert row[1:5] == ["lenet", "1x8x8", "690", "0"] and row[0].startswith("mdl_")
+    assert row[-1] == "default"
 
     header, row = rows(ws.upload.stdout)
     assert header == ["ID", "NAME", "SAMPLES", "SHAPE", "DTYPE", "CLASSES", "SIZE"]
@@ -218,6 +219,39 @@ def test_export_import_delete(ws: Workspace) -> None:
     assert ws.json("export", "lenet-copy", "copy.npz") == {"path": "copy.npz"}
     assert ws.json("delete-model", "lenet-copy") == {"deleted": "model", "id": "lenet-copy"}
     assert ws.cnnd("delete-model", "lenet-copy", code=3).returncode == 3
+
+
+def test_batching_create_update_and_import(ws: Workspace) -> None:
+    r = ws.cnnd("create", "--spec", "spec.json", "--name", "batched", "--max-batch-size", "8",
+                "--max-queue-delay-us", "200")  # fmt: skip
+    assert rows(r.stdout)[1][-1] == "size<=8,delay<=200us"
+    assert ws.json("get-model", "batched")["batching"] == {
+        "max_batch_size": 8, "max_queue_delay_us": 200, "enabled": True}  # fmt: skip
+
+    # Only the flags given change...
+    assert rows(ws.cnnd("update-model", "batched", "--no-batching").stdout)[1][-1] == "off"
+    model = ws.json("update-model", "batched", "--batching", "--max-queue-delay-us", "50")
+    assert model["batching"] == {"max_batch_size": 8, "max_queue_delay_us": 50, "enabled": True}
+    # ...unless --reset-batching, which starts from the server's settings.
+    model = ws.json("update-model", model["id"], "--reset-batching", "--max-batch-size", "4")
+    assert model["batching"] == {"max_batch_size": 4, "max_queue_delay_us": None, "enabled": True}
+    assert rows(ws.cnnd("get-model", "batched").stdout)[1][-1] == "size<=4"
+    assert rows(ws.cnnd("update-model", "batched", "--reset-batching").stdout)[1][-1] == "default"
+
+    r = ws.cnnd("update-model", "batched", code=2)
+    assert r.stderr.startswith("cnnd: nothing to update: give --max-batch-size")
+    r = ws.cnnd("update-model", "batched", "--max-batch-size", "0", code=4)
+    assert r.stderr.startswith("cnnd: INVALID_ARGUMENT: batching.max_batch_size must be in [1, ")
+    r = ws.cnnd("create", "--spec", "spec.json", "--name", "late", "--max-queue-delay-us",
+                "2000000", code=4)  # fmt: skip
+    assert "batching.max_queue_delay_us must be in [0, 1000000]" in r.stderr
+    ws.cnnd("update-model", "nope", "--max-batch-size", "2", code=3)
+
+    ws.cnnd("export", "lenet", "for-batching.npz")
+    r = ws.cnnd("import", "for-batching.npz", "--name", "imported-solo", "--no-batching")
+    assert rows(r.stdout)[1][-1] == "off"
+    assert ws.json("infer", "imported-solo", "batch.npz")["logits"] == ws.json(
+        "infer", "lenet", "batch.npz")["logits"]  # fmt: skip
 
 
 def test_cancel_and_watch(ws: Workspace) -> None:

@@ -28,6 +28,7 @@ import pytest
 
 from cnnd.client import (
     AlreadyExists,
+    Batching,
     Client,
     CnndError,
     DeadlineExceeded,
@@ -88,6 +89,39 @@ def test_models_create_get_list_delete(client: Client) -> None:
     assert client.list_models() == []
     with pytest.raises(TypeError, match="model must be a Model or an id/name"):
         client.get_model(42)  # type: ignore[arg-type]
+
+
+def test_batching_is_set_updated_and_read_back(
+    shared: Client, trained: Trained, tmp_path: Path
+) -> None:
+    m = shared.create_model(SMALL_SPEC, name="batched", batching=Batching(8, 200))
+    assert m.batching == Batching(max_batch_size=8, max_queue_delay_us=200, enabled=True)
+    assert shared.get_model("batched").batching == Batching(8, 200)
+    assert shared.create_model(SMALL_SPEC, name="defaults").batching == Batching()
+
+    # ``fields`` changes only those; without it the policy is replaced as a whole.
+    m = shared.update_model(m, batching=Batching(1, 1, enabled=False), fields=["enabled"])
+    assert m.batching == Batching(8, 200, enabled=False)
+    m = shared.update_model("batched", batching=Batching(max_batch_size=4))
+    assert m.batching == Batching(4) and m.id == shared.get_model("batched").id
+    assert {x.name: x.batching for x in shared.list_models()}["batched"] == Batching(4)
+
+    path = shared.export_model(trained.model, tmp_path / "m.npz")
+    solo = shared.import_model(path, name="imported-solo", batching=Batching(enabled=False))
+    assert solo.batching == Batching(enabled=False)
+    x = trained.x[:4]
+    np.testing.assert_array_equal(shared.infer(solo, x).logits,
+                                  shared.infer(trained.model, x).logits)  # fmt: skip
+
+    for fields in (["size"], []):  # not a field of Batching; nothing at all
+        with pytest.raises(InvalidArgument, match="fields must name some of"):
+            shared.update_model(m, batching=Batching(), fields=fields)
+    with pytest.raises(InvalidArgument) as e:
+        shared.update_model(m, batching=Batching(max_batch_size=-3))
+    assert list(e.value.fields) == ["batching.max_batch_size"]
+    with pytest.raises(NotFound):
+        shared.update_model("no-such-model", batching=Batching())
+    assert shared.get_model("batched").batching == Batching(4)
 
 
 def test_upload_float32_uint8_and_3d_input(

@@ -1,19 +1,23 @@
 """Dynamic batching: concurrent Infer calls are answered from shared forward passes, each
-caller gets exactly its own rows, and a lone caller is not delayed."""
+caller gets exactly its own rows, and a lone caller is not delayed. Each model's own policy
+(max batch size, queue delay, off) is honoured, validated, updated live and kept."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
-from cnnd.client import Client
+from cnnd.client import Batching, Client, InvalidArgument, NotFound
 from cnnd.core import Sequential, save_model
 from cnnd.server.app import create_server
 from cnnd.server.config import ServerConfig
+from cnnd.v1 import models_pb2
 from tests.conftest import SMALL_SPEC
 
 
@@ -72,3 +76,195 @@ def test_batch_limit_and_oversized_calls(batched) -> None:  # type: ignore[no-un
     x = np.random.default_rng(1).random((40, 1, 8, 8), dtype=np.float32)  # > max_batch_size
     with Client(target) as c:
         np.testing.assert_allclose(c.infer("m", x).logits, model.forward(x), rtol=1e-5, atol=1e-6)
+
+
+# --- per-model policies ---------------------------------------------------------------------
+
+
+def spy(srv: object, name: str) -> list[tuple[int, str]]:
+    """Records every forward pass of model ``name`` (its latest version, as the server built
+    it) as (samples, name of the thread that ran it). Each pass is slowed to 3 ms, so that the
+    calls of other clients queue up meanwhile and batches fill up whenever batching is on."""
+    loaded = srv.deps.registry.load(name)  # type: ignore[attr-defined]
+    passes: list[tuple[int, str]] = []
+    forward = loaded.model.forward
+
+    def recording(x: np.ndarray, train: bool = False) -> np.ndarray:
+        passes.append((len(x), threading.current_thread().name))
+        time.sleep(0.003)
+        return forward(x, train)
+
+    loaded.model.forward = recording  # type: ignore[method-assign]
+    return passes
+
+
+def load(target: str, model: Sequential, names: list[str], threads: int = 16,
+         calls: int = 8) -> None:  # fmt: skip
+    """``threads`` clients at once, spread evenly over the models ``names``, each making
+    ``calls`` one-sample Infer calls; every answer is checked against the model's own forward
+    pass."""
+    x = np.random.default_rng(2).random((1, 1, 8, 8), dtype=np.float32)
+    expected = model.forward(x)
+    errors: list[BaseException] = []
+    start = threading.Barrier(threads)
+
+    def worker(name: str) -> None:
+        try:
+            with Client(target) as c:
+                start.wait()
+                for _ in range(calls):
+                    logits = c.infer(name, x).logits
+                    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-6)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    pool = [threading.Thread(target=worker, args=(names[k % len(names)],))
+            for k in range(threads)]  # fmt: skip
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    assert errors == []
+
+
+def sizes(passes: list[tuple[int, str]]) -> list[int]:
+    return [n for n, _ in passes]
+
+
+def test_each_model_batches_up_to_its_own_limit(batched, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv, target, model = batched  # the server's default max_batch_size is 16
+    with Client(target) as c:
+        c.import_model(tmp_path / "m.npz", name="narrow", batching=Batching(max_batch_size=2))
+        c.import_model(tmp_path / "m.npz", name="wide", batching=Batching(max_batch_size=6))
+    narrow, wide = spy(srv, "narrow"), spy(srv, "wide")
+    load(target, model, ["narrow", "wide"])
+    assert sum(sizes(narrow)) == sum(sizes(wide)) == 8 * 8  # every call, once
+    assert max(sizes(narrow)) <= 2 and max(sizes(wide)) <= 6
+    assert max(sizes(wide)) > 2, "wide never batched beyond narrow's limit"
+
+
+def test_a_model_without_batching_runs_each_call_alone(batched, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    srv, target, model = batched
+    with Client(target) as c:
+        solo = c.import_model(tmp_path / "m.npz", name="solo", batching=Batching(enabled=False))
+    assert solo.batching == Batching(enabled=False)
+    passes = spy(srv, "solo")
+    load(target, model, ["solo"])
+    assert sizes(passes) == [1] * (16 * 8)
+    # In the callers' own threads: no queue, no worker.
+    assert all(thread.startswith("cnnd-rpc") for _, thread in passes), set(passes)
+    assert all(key[0] != solo.id for key in srv.deps.batcher._queues)
+
+
+def test_a_policy_update_takes_effect_on_the_next_calls(batched) -> None:  # type: ignore[no-untyped-def]
+    srv, target, model = batched
+    passes = spy(srv, "m")
+    with Client(target) as c:
+        load(target, model, ["m"])
+        assert max(sizes(passes)) > 1  # the server's defaults batch
+
+        updated = c.update_model("m", batching=Batching(max_batch_size=1))
+        assert updated.batching == Batching(max_batch_size=1)
+        passes.clear()
+        load(target, model, ["m"])
+        assert sizes(passes) == [1] * (16 * 8)
+        assert any(thread.startswith("cnnd-batch") for _, thread in passes)  # still queued
+
+        c.update_model("m", batching=Batching(enabled=False), fields=["enabled"])
+        passes.clear()
+        load(target, model, ["m"])
+        assert all(thread.startswith("cnnd-rpc") for _, thread in passes)
+
+        # Back to the defaults: batching on, and max_batch_size unset again.
+        assert c.update_model("m", batching=Batching()).batching == Batching()
+        passes.clear()
+        load(target, model, ["m"])
+        assert max(sizes(passes)) > 1
+
+
+def test_policies_are_validated_before_anything_is_stored(batched, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, target, _ = batched
+    bad = {
+        "batching.max_batch_size": [Batching(max_batch_size=0), Batching(max_batch_size=4097)],
+        "batching.max_queue_delay_us": [Batching(max_queue_delay_us=-1),
+                                        Batching(max_queue_delay_us=1_000_001)],
+    }  # fmt: skip
+    with Client(target) as c:
+        for field, policies in bad.items():
+            for policy in policies:
+                with pytest.raises(InvalidArgument) as info:
+                    c.create_model(SMALL_SPEC, name="refused", batching=policy)
+                assert set(info.value.fields) == {field}, info.value
+                with pytest.raises(InvalidArgument) as info:
+                    c.update_model("m", batching=policy)
+                assert set(info.value.fields) == {field}, info.value
+                with pytest.raises(InvalidArgument) as info:
+                    c.import_model(tmp_path / "m.npz", name="refused", batching=policy)
+                assert set(info.value.fields) == {f"header.{field}"}, info.value
+        assert "refused" not in [m.name for m in c.list_models()]
+        assert c.get_model("m").batching == Batching()  # the refused updates changed nothing
+
+        # The bounds themselves are allowed (--max-infer-batch is 4096 here).
+        edge = Batching(max_batch_size=4096, max_queue_delay_us=1_000_000)
+        assert c.create_model(SMALL_SPEC, name="edge", batching=edge).batching == edge
+        edge = Batching(max_batch_size=1, max_queue_delay_us=0)
+        assert c.update_model("edge", batching=edge).batching == edge
+
+        # A field mask naming anything but the policy's fields.
+        request = models_pb2.UpdateModelRequest(model_id="m")
+        request.batching.max_batch_size = 4
+        request.update_mask.paths.extend(["batching.max_batch_size", "name"])
+        with pytest.raises(grpc.RpcError) as rpc:
+            c.stub.UpdateModel(request, timeout=10)
+        assert rpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "update_mask" in rpc.value.details()
+        assert c.get_model("m").batching == Batching()
+
+
+def test_update_mask_changes_only_the_fields_it_names(batched) -> None:  # type: ignore[no-untyped-def]
+    _, target, _ = batched
+    with Client(target) as c:
+        c.update_model("m", batching=Batching(max_batch_size=8, max_queue_delay_us=100))
+        request = models_pb2.UpdateModelRequest(model_id="m")
+        request.batching.max_batch_size = 4
+        request.batching.max_queue_delay_us = 999  # not named by the mask: ignored
+        request.update_mask.paths.append("batching.max_batch_size")
+        reply = c.stub.UpdateModel(request, timeout=10)
+        assert Batching.from_proto(reply.model.batching) == Batching(4, 100)
+        # No mask: the fields the request sets (AIP-134).
+        request = models_pb2.UpdateModelRequest(model_id="m")
+        request.batching.disabled = True
+        reply = c.stub.UpdateModel(request, timeout=10)
+        assert Batching.from_proto(reply.model.batching) == Batching(4, 100, enabled=False)
+        # A named field the request leaves unset returns to the server's default.
+        request = models_pb2.UpdateModelRequest(model_id="m")
+        request.update_mask.paths.append("batching.max_queue_delay_us")
+        reply = c.stub.UpdateModel(request, timeout=10)
+        assert Batching.from_proto(reply.model.batching) == Batching(4, None, enabled=False)
+        with pytest.raises(NotFound):
+            c.update_model("missing", batching=Batching())
+
+
+def test_policies_survive_a_restart(tmp_path: Path) -> None:
+    config = ServerConfig(port=0, data_dir=str(tmp_path / "data"))
+    srv, port = create_server(config)
+    srv.start()
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            c.wait_until_ready(60)
+            c.create_model(SMALL_SPEC, name="a", batching=Batching(max_batch_size=3))
+            c.create_model(SMALL_SPEC, name="b")
+            c.update_model("b", batching=Batching(max_queue_delay_us=0, enabled=False))
+    finally:
+        srv.stop(5)
+    srv, port = create_server(config)
+    srv.start()
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            c.wait_until_ready(60)
+            assert c.get_model("a").batching == Batching(max_batch_size=3)
+            assert c.get_model("b").batching == Batching(max_queue_delay_us=0, enabled=False)
+        # ...and it is what the batcher gets with each call.
+        assert srv.deps.registry.load("a", allow_initial=True).record.batching.max_batch_size == 3
+    finally:
+        srv.stop(5)

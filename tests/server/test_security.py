@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from cnnd.client import TLS, Client, Unauthenticated, Unavailable
 from cnnd.server.app import create_server
-from cnnd.server.auth import READ_METHODS, AuthConfigError
+from cnnd.server.auth import ADMIN_METHODS, READ_METHODS, AuthConfigError
 from cnnd.server.config import ServerConfig
 from cnnd.v1 import service_pb2
 from tests.conftest import SMALL_SPEC, need_program
@@ -69,7 +69,10 @@ def _call(channel: grpc.Channel, method, token: str | None) -> grpc.StatusCode: 
 
 def test_every_method_needs_a_token_of_the_right_role(secured: str) -> None:
     methods = list(SERVICE.methods)
-    assert len(methods) == 18
+    assert len(methods) == 19
+    # Every method has its role written down: read (infer) or change (admin), not both.
+    names = {m.name for m in methods}
+    assert names == READ_METHODS | ADMIN_METHODS and not READ_METHODS & ADMIN_METHODS
     with grpc.insecure_channel(secured) as channel:
         for method in methods:
             for token in (None, "wrong-token-0123456789abcdef", ADMIN[:-1]):

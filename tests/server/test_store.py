@@ -23,6 +23,7 @@ from cnnd.server.store.base import (
     QUEUED,
     RUNNING,
     SUCCEEDED,
+    BatchingPolicy,
     DatasetRecord,
     JobRecord,
     LeaseLost,
@@ -217,6 +218,107 @@ def test_delete_model_is_refused_while_a_job_is_active(
     with pytest.raises(NotFound):
         store.get_weights(m.id, 1)
     assert store.stats()["versions"] == 0
+
+
+def test_batching_policies_are_kept_and_updated_field_by_field(
+    open_store: Callable[[], Store],
+) -> None:
+    store = open_store()
+    other = open_store() if is_postgres(store) else store  # another replica reads
+    plain = make_model(store, "plain")
+    assert plain.batching == BatchingPolicy()
+    tuned = ModelRecord(
+        id="mdl_tuned", name="tuned", spec={"input_shape": [1, 2, 2]}, seed=1,
+        parameter_count=3, create_time=now(), batching=BatchingPolicy(8, None, False),
+    )  # fmt: skip
+    store.create_model(tuned)
+    store.add_version(tuned.id, b"w", "", "import", [])
+    assert other.get_model("tuned").batching == BatchingPolicy(8, None, False)  # type: ignore[union-attr]
+
+    # Only the named fields change; the record comes back whole.
+    updated = store.update_model_batching(tuned.id, BatchingPolicy(99, 250), ["max_queue_delay_us"])
+    assert updated.batching == BatchingPolicy(8, 250, False)
+    assert (updated.id, updated.name, updated.latest_version) == (tuned.id, "tuned", 1)
+    # A named field that is None returns to the server's default.
+    store.update_model_batching(tuned.id, BatchingPolicy(), ["max_batch_size", "disabled"])
+    assert other.get_model(tuned.id).batching == BatchingPolicy(max_queue_delay_us=250)  # type: ignore[union-attr]
+    assert {m.name: m.batching for m in other.list_models(10)} == {
+        "plain": BatchingPolicy(),
+        "tuned": BatchingPolicy(max_queue_delay_us=250),
+    }
+    with pytest.raises(NotFound):
+        store.update_model_batching("mdl_missing", BatchingPolicy(1), ["max_batch_size"])
+
+
+def test_concurrent_updates_of_different_fields_both_hold(
+    open_store: Callable[[], Store], backend: str
+) -> None:
+    first = open_store()
+    stores = [first, open_store()] if backend == "postgres" else [first]
+    m = make_model(first)
+    fields = ["max_batch_size", "max_queue_delay_us"]
+    step = threading.Barrier(len(fields))
+    lost: list[BatchingPolicy] = []
+
+    def update(i: int) -> None:
+        for value in range(1, 31):  # each round, both fields are written at the same moment
+            step.wait()
+            stores[i % len(stores)].update_model_batching(
+                m.id, BatchingPolicy(**{fields[i]: value}), [fields[i]]
+            )
+            step.wait()
+            got = first.get_model(m.id).batching  # type: ignore[union-attr]
+            if i == 0 and got != BatchingPolicy(value, value):
+                lost.append(got)  # a read-merge-write outside one transaction loses writes
+
+    threads = [threading.Thread(target=update, args=(i,)) for i in range(len(fields))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert lost == []
+    assert first.get_model(m.id).batching == BatchingPolicy(30, 30)  # type: ignore[union-attr]
+
+
+def test_a_database_of_the_first_schema_upgrades(
+    open_store: Callable[[], Store], backend: str, monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path, request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
+    """A database made before per-model batching policies gains them at start-up: its models
+    keep everything and take the server's defaults until updated."""
+    import cnnd.server.store.postgres as pg_module
+    import cnnd.server.store.sqlite as sqlite_module
+
+    module: Any = pg_module if backend == "postgres" else sqlite_module
+    monkeypatch.setattr(module, "MIGRATIONS", module.MIGRATIONS[:1])
+    open_store().close()  # creates the schema of the first version
+    row = "'mdl_old', 'old', '{\"input_shape\": [1, 2, 2]}', 7, 42, 1.5"
+    if backend == "postgres":
+        import psycopg
+
+        with psycopg.connect(request.getfixturevalue("pg_url")) as conn:
+            conn.execute(
+                "INSERT INTO models (id, name, spec, seed, parameter_count, create_time)"
+                f" VALUES ({row})"  # type: ignore[arg-type]  (test-owned SQL)
+            )
+    else:
+        import sqlite3
+
+        db = sqlite3.connect(tmp_path / "data" / "cnnd.db")
+        db.execute(f"INSERT INTO models (id, name, spec, seed, parameter_count, create_time, seq)"
+                   f" VALUES ({row}, 1)")  # fmt: skip
+        db.commit()
+        db.close()
+    monkeypatch.undo()
+    store = open_store()
+    old = store.get_model("old")
+    assert old is not None and old.batching == BatchingPolicy()
+    assert (old.id, old.spec, old.seed, old.parameter_count) == (
+        "mdl_old", {"input_shape": [1, 2, 2]}, 7, 42)  # fmt: skip
+    store.update_model_batching(old.id, BatchingPolicy(4), ["max_batch_size"])
+    assert store.get_model("old").batching == BatchingPolicy(4)  # type: ignore[union-attr]
+    make_model(store, "new")  # and new models go in beside it
+    assert [m.name for m in store.list_models(10)] == ["old", "new"]
 
 
 # --- datasets ---------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 import datetime
 
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -161,8 +162,18 @@ class ModelVersion(_message.Message):
     source: str
     def __init__(self, version: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_id: _Optional[str] = ..., history: _Optional[_Iterable[_Union[EpochMetrics, _Mapping]]] = ..., source: _Optional[str] = ...) -> None: ...
 
+class BatchingPolicy(_message.Message):
+    __slots__ = ("max_batch_size", "max_queue_delay_us", "disabled")
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_DELAY_US_FIELD_NUMBER: _ClassVar[int]
+    DISABLED_FIELD_NUMBER: _ClassVar[int]
+    max_batch_size: int
+    max_queue_delay_us: int
+    disabled: bool
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., disabled: _Optional[bool] = ...) -> None: ...
+
 class Model(_message.Message):
-    __slots__ = ("id", "name", "spec", "parameter_count", "versions", "latest_version", "seed", "create_time", "output_shape", "macs")
+    __slots__ = ("id", "name", "spec", "parameter_count", "versions", "latest_version", "seed", "create_time", "output_shape", "macs", "batching")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +184,7 @@ class Model(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     MACS_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     spec: ModelSpec
@@ -183,17 +195,20 @@ class Model(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     output_shape: _containers.RepeatedScalarFieldContainer[int]
     macs: int
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., parameter_count: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., latest_version: _Optional[int] = ..., seed: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output_shape: _Optional[_Iterable[int]] = ..., macs: _Optional[int] = ...) -> None: ...
+    batching: BatchingPolicy
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., parameter_count: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., latest_version: _Optional[int] = ..., seed: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output_shape: _Optional[_Iterable[int]] = ..., macs: _Optional[int] = ..., batching: _Optional[_Union[BatchingPolicy, _Mapping]] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
-    __slots__ = ("name", "spec", "seed")
+    __slots__ = ("name", "spec", "seed", "batching")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
     name: str
     spec: ModelSpec
     seed: int
-    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., seed: _Optional[int] = ...) -> None: ...
+    batching: BatchingPolicy
+    def __init__(self, name: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., seed: _Optional[int] = ..., batching: _Optional[_Union[BatchingPolicy, _Mapping]] = ...) -> None: ...
 
 class CreateModelResponse(_message.Message):
     __slots__ = ("model",)
@@ -229,6 +244,22 @@ class ListModelsResponse(_message.Message):
     next_page_token: str
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class UpdateModelRequest(_message.Message):
+    __slots__ = ("model_id", "batching", "update_mask")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_MASK_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    batching: BatchingPolicy
+    update_mask: _field_mask_pb2.FieldMask
+    def __init__(self, model_id: _Optional[str] = ..., batching: _Optional[_Union[BatchingPolicy, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
+
+class UpdateModelResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: Model
+    def __init__(self, model: _Optional[_Union[Model, _Mapping]] = ...) -> None: ...
+
 class DeleteModelRequest(_message.Message):
     __slots__ = ("model_id",)
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -254,12 +285,14 @@ class ExportModelResponse(_message.Message):
     def __init__(self, chunk: _Optional[bytes] = ...) -> None: ...
 
 class ImportModelHeader(_message.Message):
-    __slots__ = ("name", "size_bytes")
+    __slots__ = ("name", "size_bytes", "batching")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
     name: str
     size_bytes: int
-    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    batching: BatchingPolicy
+    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., batching: _Optional[_Union[BatchingPolicy, _Mapping]] = ...) -> None: ...
 
 class ImportModelRequest(_message.Message):
     __slots__ = ("header", "chunk")

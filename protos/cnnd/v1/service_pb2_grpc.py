@@ -57,6 +57,11 @@ class CnndServiceStub:
                 request_serializer=cnnd_dot_v1_dot_models__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=cnnd_dot_v1_dot_models__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.UpdateModel = channel.unary_unary(
+                '/cnnd.v1.CnndService/UpdateModel',
+                request_serializer=cnnd_dot_v1_dot_models__pb2.UpdateModelRequest.SerializeToString,
+                response_deserializer=cnnd_dot_v1_dot_models__pb2.UpdateModelResponse.FromString,
+                _registered_method=True)
         self.DeleteModel = channel.unary_unary(
                 '/cnnd.v1.CnndService/DeleteModel',
                 request_serializer=cnnd_dot_v1_dot_models__pb2.DeleteModelRequest.SerializeToString,
@@ -156,6 +161,13 @@ class CnndServiceServicer:
 
     def ListModels(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateModel(self, request, context):
+        """Changes a model's batching policy; the model's weights and versions stay as they are.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -268,6 +280,11 @@ def add_CnndServiceServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=cnnd_dot_v1_dot_models__pb2.ListModelsRequest.FromString,
                     response_serializer=cnnd_dot_v1_dot_models__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'UpdateModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateModel,
+                    request_deserializer=cnnd_dot_v1_dot_models__pb2.UpdateModelRequest.FromString,
+                    response_serializer=cnnd_dot_v1_dot_models__pb2.UpdateModelResponse.SerializeToString,
             ),
             'DeleteModel': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteModel,
@@ -431,6 +448,33 @@ class CnndService:
             '/cnnd.v1.CnndService/ListModels',
             cnnd_dot_v1_dot_models__pb2.ListModelsRequest.SerializeToString,
             cnnd_dot_v1_dot_models__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/cnnd.v1.CnndService/UpdateModel',
+            cnnd_dot_v1_dot_models__pb2.UpdateModelRequest.SerializeToString,
+            cnnd_dot_v1_dot_models__pb2.UpdateModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
