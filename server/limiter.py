@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from cnnd.server.auth import SERVICE_PREFIX
-from cnnd.server.rpc import behaviour, rebuild
+from cnnd.server.rpc import HandlerCache, behaviour, rebuild
 
 
 class ConcurrencyLimiter(grpc.ServerInterceptor):
@@ -28,6 +28,7 @@ class ConcurrencyLimiter(grpc.ServerInterceptor):
         self.draining = draining or threading.Event()
         self._in_flight = 0
         self._cond = threading.Condition()
+        self._cache = HandlerCache()
 
     def _enter(self, context: grpc.ServicerContext) -> None:
         with self._cond:
@@ -70,6 +71,9 @@ class ConcurrencyLimiter(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(SERVICE_PREFIX):
             return handler
+        return self._cache.get(handler_call_details.method, handler, self._wrap)
+
+    def _wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         inner = behaviour(handler)
 
         if handler.response_streaming:

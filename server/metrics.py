@@ -32,7 +32,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from cnnd.core import StepEvent
-from cnnd.server.rpc import behaviour, rebuild
+from cnnd.server.rpc import HandlerCache, behaviour, rebuild
 from cnnd.server.store.base import JobRecord, Store
 
 LATENCY_BUCKETS = (
@@ -287,6 +287,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
     def __init__(self, metrics: Metrics) -> None:
         self.m = metrics
+        self._cache = HandlerCache()
 
     def intercept_service(
         self,
@@ -296,7 +297,11 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        full = handler_call_details.method
+        return self._cache.get(full, handler, lambda h: self._wrap(full, h))
+
+    def _wrap(self, full_method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        service, _, method = full_method.lstrip("/").rpartition("/")
         streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
         labels = (service, method, _TYPES[(streaming_in, streaming_out)])
         m = self.m
