@@ -46,7 +46,9 @@ EPOCHS = 8
 LEASE = 3.0
 TRAIN = dict(epochs=EPOCHS, batch_size=16, optimizer="sgd", lr=0.05, momentum=0.9,
              validation=0.2, checkpoint_every=1)  # fmt: skip
-LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ cnnd\.jobs: job (job_\w+):? (.*)$")
+LOG_LINE = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ cnnd\.jobs: job (job_\w+):? (.*)$"
+)
 
 
 def _weights(c: Client, model: str, path: Path) -> dict[str, np.ndarray]:
@@ -114,7 +116,9 @@ def _log_intervals(logs: dict[str, str], killed: str, kill_time: float) -> dict[
             job, rest = m[2], m[3]
             if attempt := re.match(r"RUNNING: attempt (\d+)", rest):
                 open_runs[job] = (t, int(attempt[1]))
-            elif job in open_runs and re.match(r"(SUCCEEDED|FAILED|CANCELLED|QUEUED|lease lost)", rest):
+            elif job in open_runs and re.match(
+                r"(SUCCEEDED|FAILED|CANCELLED|QUEUED|lease lost)", rest
+            ):
                 start, n = open_runs.pop(job)
                 runs.setdefault(job, []).append((start, t, worker, n))
         for job, (start, n) in open_runs.items():
