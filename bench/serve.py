@@ -4,6 +4,11 @@ same batch sizes (the ceiling), and the server's cold start.
 
     python bench/serve.py [--quick] [--model lenet|cifar] [--seconds 5] [--json out.json]
 
+The same sweep also runs against a gRPC echo: a server built the same way (grpcio, the same
+thread pool and message options) whose Infer answers every call with one fixed response and
+does nothing else. It is the ceiling that Python gRPC itself sets on this machine, so the
+table shows cnnd against both the engine's rate and the transport's.
+
 Clients run in separate processes (``--client-procs``, default 2) with threads inside, so the
 client's own GIL is not what is measured; they share the machine's cores with the server, as
 a sidecar would.
@@ -42,6 +47,51 @@ def free_port() -> int:
     with closing(socket.socket()) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def echo_server(port: int) -> None:
+    """Serve the transport ceiling: Infer answers a fixed, valid InferResponse (bytes in,
+    bytes out: no protobuf parsing, no engine), on a server configured as cnnd's is."""
+    from concurrent import futures
+
+    import grpc
+
+    from cnnd.server.app import HEALTH_RESERVE, grpc_options
+    from cnnd.server.config import ServerConfig
+    from cnnd.server.convert import infer_response
+
+    config = ServerConfig(port=port)
+    reply = infer_response("bench", 1, np.zeros((1, 10), np.float32)).SerializeToString()
+    methods = {"Infer": grpc.unary_unary_rpc_method_handler(lambda request, context: reply)}
+    workers = max(config.threads, config.limits.max_concurrent_rpcs + HEALTH_RESERVE)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers),
+                         options=grpc_options(config))  # fmt: skip
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("cnnd.v1.CnndService", methods),)
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def start_echo() -> tuple[subprocess.Popen[bytes], str]:
+    """echo_server in a child process, once it answers."""
+    from cnnd.client import Client
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--echo-server", str(port)])
+    target = f"127.0.0.1:{port}"
+    x = np.zeros((1, 1, 28, 28), np.float32)
+    with Client(target, timeout=2, retries=0) as c:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                c.infer("bench", x)
+                return proc, target
+            except Exception:  # not up yet
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the echo server did not start") from None
+                time.sleep(0.05)
 
 
 def start_server(
@@ -180,7 +230,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-cold-start", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--echo-server", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.echo_server:
+        echo_server(args.echo_server)
+        return
     spec = LENET5 if args.model == "lenet" else CIFAR
     seconds = 1.5 if args.quick else args.seconds
     shape = tuple(spec["input_shape"])
@@ -198,16 +252,20 @@ def main() -> None:
         results["in_process"] = {
             b: {"samples_per_s": r, "ms": ms} for b, (r, ms) in ceiling.items()
         }
-        for batching in (False, True):
-            proc, target, _ = start_server(tmp / f"data-{batching}", batching)
+        for mode in ("no_batching", "batching", "grpc_echo"):
+            if mode == "grpc_echo":
+                proc, target = start_echo()
+            else:
+                proc, target, _ = start_server(tmp / f"data-{mode}", mode == "batching")
             try:
-                prepare(target, spec, "bench", tmp)
+                if mode != "grpc_echo":
+                    prepare(target, spec, "bench", tmp)
                 points = [sweep_point(target, "bench", shape, n, args.client_procs, seconds)
                           for n in CONCURRENCY]  # fmt: skip
             finally:
                 proc.terminate()
                 proc.wait(30)
-            results["sweep"]["batching" if batching else "no_batching"] = points
+            results["sweep"][mode] = points
         if not (args.quick or args.no_cold_start):
             results["cold_start_s"] = cold_start(tmp)
     print_table(results)
@@ -218,19 +276,26 @@ def main() -> None:
 def print_table(r: dict[str, Any]) -> None:
     print(f"cnnd serving benchmark - {r['date']} - {r['machine']}, {r['cores']} cores - "
           f"model {r['model']}, {r['seconds_per_point']} s per point")  # fmt: skip
-    head = f"{'clients':>7} | {'mode':<11} | {'req/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | " \
-           f"{'errors':>6} | {'in-proc samples/s @ batch':>26} | {'ratio':>5}"  # fmt: skip
+    head = (f"{'clients':>7} | {'mode':<11} | {'req/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | "
+            f"{'errors':>6} | {'in-proc samples/s @ batch':>26} | {'ratio':>5} | "
+            f"{'of echo':>7}")  # fmt: skip
     print(head)
     print("-" * len(head))
+    echo = {p["clients"]: p for p in r["sweep"].get("grpc_echo", [])}
     for mode, points in r["sweep"].items():
         for p in points:
             b = p["clients"]
             ceil = r["in_process"][b]["samples_per_s"]
+            e = echo.get(b)
+            of_echo = f"{p['requests_per_s'] / e['requests_per_s']:>7.2f}" if e else f"{'':>7}"
             print(f"{b:>7} | {mode:<11} | {p['requests_per_s']:>8.0f} | {p['p50_ms']:>7.2f} | "
                   f"{p['p99_ms']:>7.2f} | {p['errors']:>6} | {ceil:>26.0f} | "
-                  f"{p['requests_per_s'] / ceil:>5.2f}")  # fmt: skip
+                  f"{p['requests_per_s'] / ceil:>5.2f} | {of_echo}")  # fmt: skip
     one = r["in_process"][1]["ms"]
-    print(f"in-process batch-1 latency: {one:.3f} ms")
+    print(
+        f"in-process batch-1 latency: {one:.3f} ms; ratio: req/s over the in-process rate at "
+        "that batch size; of echo: over the gRPC echo's req/s at that concurrency"
+    )
     if "cold_start_s" in r:
         c = r["cold_start_s"]
         print(f"cold start to SERVING: {c['warm_cache']:.2f} s with a warm kernel cache, "

@@ -158,25 +158,26 @@ class Batcher:
 
         def run(x: np.ndarray) -> np.ndarray:
             nonlocal queued
-            r = _Request(x, time.perf_counter())
             with q.cond:
                 q.arriving -= 1
                 queued = True
                 # Alone (nothing queued, nothing running, no one on the way): run in this
-                # thread; handing over to the worker would only add a thread switch.
+                # thread; handing over to the worker would only add a thread switch. No
+                # request object, no event, no wake-up of the worker: this is the latency
+                # of a lone client.
                 alone = not q.items and not q.busy and q.arriving == 0
                 if alone:
                     q.busy = True
                 else:
+                    r = _Request(x, time.perf_counter())
                     q.items.append(r)
                     q.cond.notify()
             if alone:
                 try:
-                    q._run([r])
+                    return self._alone(q.model, x, queued=True)
                 finally:
-                    with q.cond:
+                    with q.cond:  # callers that came meanwhile were queued and notified
                         q.busy = False
-                        q.cond.notify()
             r.done.wait()
             if r.error is not None:
                 raise r.error
@@ -191,14 +192,18 @@ class Batcher:
                     q.arriving -= 1
                     q.cond.notify()
 
-    def _alone(self, model: Sequential, x: np.ndarray) -> np.ndarray:
-        """A call of a model that does not batch: its own forward pass, in the caller's thread,
-        measured like a batch of one call."""
+    def _alone(self, model: Sequential, x: np.ndarray, queued: bool = False) -> np.ndarray:
+        """A call run by itself in the caller's thread (a model that does not batch, or a
+        lone caller), measured like a batch of one call; ``queued``: it went through a queue,
+        with no wait."""
         start = time.perf_counter()
         logits = model.forward(x, train=False)
-        if self.metrics is not None:
-            self.metrics.infer_batch.observe(len(x))
-            self.metrics.infer_compute.observe(time.perf_counter() - start)
+        m = self.metrics
+        if m is not None:
+            m.infer_batch.observe(len(x))
+            m.infer_compute.observe(time.perf_counter() - start)
+            if queued:
+                m.infer_queue.observe(0.0)
         return logits
 
     def _retire(self, q: _Queue) -> bool:
