@@ -2,7 +2,8 @@
 clients, with and without dynamic batching, beside the in-process engine's own rate at the
 same batch sizes (the ceiling), and the server's cold start.
 
-    python bench/serve.py [--quick] [--model lenet|cifar] [--seconds 5] [--json out.json]
+    python bench/serve.py [--quick] [--model lenet|cifar] [--seconds 3] [--repeats 3]
+                          [--json out.json]
 
 The same sweep also runs against a gRPC echo: a server built the same way (grpcio, the same
 thread pool and message options) whose Infer answers every call with one fixed response and
@@ -178,6 +179,14 @@ def sweep_point(target: str, model: str, shape: tuple[int, ...], clients: int, p
     }
 
 
+def median_point(windows: list[dict[str, float]]) -> dict[str, float]:
+    """One sweep point from several windows: the median of each figure (errors: the sum)."""
+    out = {k: statistics.median(w[k] for w in windows) for k in windows[0]}
+    out["errors"] = sum(w["errors"] for w in windows)
+    out["windows"] = len(windows)
+    return out
+
+
 def in_process_rate(spec: dict[str, Any], batch: int, seconds: float) -> tuple[float, float]:
     """(samples/s, median ms per call) of the engine's forward pass at ``batch``."""
     from cnnd.core import Sequential
@@ -225,7 +234,8 @@ def cold_start(tmp: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["lenet", "cifar"], default="lenet")
-    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--seconds", type=float, default=3.0, help="per window")
+    parser.add_argument("--repeats", type=int, default=3, help="windows per point (median)")
     parser.add_argument("--client-procs", type=int, default=2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-cold-start", action="store_true")
@@ -237,6 +247,7 @@ def main() -> None:
         return
     spec = LENET5 if args.model == "lenet" else CIFAR
     seconds = 1.5 if args.quick else args.seconds
+    repeats = 1 if args.quick else args.repeats
     shape = tuple(spec["input_shape"])
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -244,6 +255,7 @@ def main() -> None:
         "cores": os.cpu_count(),
         "model": args.model,
         "seconds_per_point": seconds,
+        "repeats": repeats,
         "sweep": {},
     }
     with tempfile.TemporaryDirectory(prefix="cnnd-bench-") as d:
@@ -260,7 +272,9 @@ def main() -> None:
             try:
                 if mode != "grpc_echo":
                     prepare(target, spec, "bench", tmp)
-                points = [sweep_point(target, "bench", shape, n, args.client_procs, seconds)
+                points = [median_point([sweep_point(target, "bench", shape, n,
+                                                    args.client_procs, seconds)
+                                        for _ in range(repeats)])
                           for n in CONCURRENCY]  # fmt: skip
             finally:
                 proc.terminate()
@@ -275,7 +289,8 @@ def main() -> None:
 
 def print_table(r: dict[str, Any]) -> None:
     print(f"cnnd serving benchmark - {r['date']} - {r['machine']}, {r['cores']} cores - "
-          f"model {r['model']}, {r['seconds_per_point']} s per point")  # fmt: skip
+          f"model {r['model']}, median of {r['repeats']} windows of {r['seconds_per_point']} s "
+          "per point")  # fmt: skip
     head = (f"{'clients':>7} | {'mode':<11} | {'req/s':>8} | {'p50 ms':>7} | {'p99 ms':>7} | "
             f"{'errors':>6} | {'in-proc samples/s @ batch':>26} | {'ratio':>5} | "
             f"{'of echo':>7}")  # fmt: skip
