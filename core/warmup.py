@@ -72,6 +72,11 @@ def warmup() -> float:
     out = kernels.linear_forward(wide, weight, None, relu=True)
     kernels.linear_backward(out, wide, weight, need_dx=True, y=out)
     kernels.softmax(out)  # Infer's probabilities
+    # 3x3 layers of 16+ channels take the Winograd forward: serial (one sample) and parallel.
+    fmaps = rng.standard_normal((2, 16, 6, 6)).astype(np.float32)
+    kernels3 = rng.standard_normal((16, 16, 3, 3)).astype(np.float32)
+    for n in (1, 2):
+        kernels.conv2d_forward(fmaps[:n], kernels3, None, 1, 1, relu=True)
     return time.perf_counter() - t0
 
 

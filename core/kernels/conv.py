@@ -17,6 +17,9 @@ unrolling:
   gradient back through the kernel onto the input pixels it read, which is the same sum;
 * dL/dbias sums the upstream gradient over batch and positions.
 
+3x3 stride-1 layers of 16 or more channels compute the forward pass with Winograd's
+F(2x2, 3x3) instead (``winograd.py``); their backward pass stays here.
+
 With ``relu`` the forward applies the rectifier while it writes the output (fused bias + ReLU),
 and the backward, given that output, applies the ReLU's derivative while it gathers dY, so the
 ReLU layer costs no pass of its own.
@@ -34,6 +37,7 @@ import numpy as np
 from numba import njit, prange
 
 from cnnd.core import _runtime  # noqa: F401  (threading layer, cache dir, BLAS threads)
+from cnnd.core.kernels import winograd
 from cnnd.core.kernels.workspace import Workspace
 
 COL_BUDGET = 1 << 19  # floats of one block's unrolled input (2 MiB in float32)
@@ -406,7 +410,8 @@ def conv2d_forward(
     With ``relu`` the rectifier is applied in the same pass (fused bias + ReLU). A layer passes
     its ``workspace`` so that the unrolled input is not reallocated every call; with
     ``keep_col`` (training) the unrolled input stays there, when it fits ``KEEP_BYTES``, for
-    the backward pass of the same x.
+    the backward pass of the same x. 3x3 stride-1 layers of 16 or more channels take
+    Winograd's F(2x2, 3x3) instead (``winograd.py``: 2.25x fewer multiplies), and keep nothing.
     """
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
@@ -420,12 +425,15 @@ def conv2d_forward(
     if N == 0:
         return out
     ws = workspace or _SCRATCH
+    x = np.ascontiguousarray(x)
+    if winograd.applies(C, K, (kh, kw), (sh, sw)):
+        ws.kept = None
+        return winograd.conv3x3_forward(x, np.ascontiguousarray(w), b, (ph, pw), relu, out, ws)
     Wc = _grid_width(W, OW, sh, sw, pw)
     CKK, P = C * kh * kw, OH * Wc
     T, nb = _plan(N, CKK, P)
     col_ws = ws.get("col", (T, CKK * nb * P), x.dtype)
     y_ws = ws.get("y", (T, K * nb * P), x.dtype)
-    x = np.ascontiguousarray(x)
     w2 = np.ascontiguousarray(w).reshape(K, CKK)
     keep = keep_col and workspace is not None and N * CKK * P * x.itemsize <= KEEP_BYTES
     cols = ws.get("cols", (N * CKK * P,), x.dtype) if keep else col_ws[0]

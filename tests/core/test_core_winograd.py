@@ -1,0 +1,153 @@
+"""The Winograd F(2x2, 3x3) forward (core/kernels/winograd.py) against the plain-NumPy
+reference and against the im2col path it replaces, over the geometries it serves: odd and even
+sizes (partial output tiles), paddings 0-2, outputs of one pixel, channel counts that are not
+multiples of anything, one and several samples per thread, fused ReLU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cnnd.core import kernels
+from cnnd.core import reference as ref
+from cnnd.core.kernels import winograd
+from cnnd.core.kernels.workspace import Workspace
+
+# Relative to the largest output: the transforms reassociate the sums of C*9 products.
+TOL = {np.float64: 1e-12, np.float32: 2e-6}
+
+
+def _im2col_forward(monkeypatch: pytest.MonkeyPatch, *args: Any, **kw: Any) -> np.ndarray:
+    with monkeypatch.context() as m:
+        m.setattr(winograd, "applies", lambda *a: False)
+        return kernels.conv2d_forward(*args, **kw)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(1, 5),
+    c=st.integers(16, 21),
+    k=st.integers(16, 20),
+    h=st.integers(1, 11),
+    w=st.integers(1, 11),
+    padding=st.sampled_from([0, 1, 2, (1, 0), (0, 2)]),
+    relu=st.booleans(),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_winograd_matches_reference(
+    n: int, c: int, k: int, h: int, w: int, padding: Any, relu: bool, dtype: Any, seed: int
+) -> None:
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    if h + 2 * ph < 3 or w + 2 * pw < 3:
+        return  # no window fits
+    assert winograd.applies(c, k, (3, 3), (1, 1))
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    wt = rng.standard_normal((k, c, 3, 3)).astype(dtype)
+    b = rng.standard_normal(k).astype(dtype)
+    y = kernels.conv2d_forward(x, wt, b, 1, (ph, pw), relu=relu, workspace=Workspace())
+    r = ref.conv2d_forward(x.astype(np.float64), wt.astype(np.float64), b.astype(np.float64),
+                           1, (ph, pw))  # fmt: skip
+    if relu:
+        r = np.maximum(r, 0)
+    assert y.shape == r.shape and y.dtype == dtype
+    scale = max(np.abs(r).max(), 1.0)
+    assert np.abs(y - r).max() / scale < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_winograd_agrees_with_im2col_on_cifar_layers(
+    monkeypatch: pytest.MonkeyPatch, dtype: Any
+) -> None:
+    """The layers the engine benchmark times: the two paths agree to float rounding, on the
+    parallel driver (a batch of 8) and the serial one (a batch of 1)."""
+    rng = np.random.default_rng(0)
+    for c, k, size in ((32, 32, 32), (32, 64, 16), (64, 64, 16)):
+        for n in (1, 8):
+            x = rng.standard_normal((n, c, size, size)).astype(dtype)
+            wt = (rng.standard_normal((k, c, 3, 3)) / np.sqrt(9 * c)).astype(dtype)
+            b = rng.standard_normal(k).astype(dtype)
+            got = kernels.conv2d_forward(x, wt, b, 1, 1, relu=True)
+            want = _im2col_forward(monkeypatch, x, wt, b, 1, 1, relu=True)
+            scale = np.abs(want).max()
+            assert np.abs(got - want).max() / scale < TOL[dtype], (c, k, size, n)
+
+
+def test_winograd_forward_then_backward_matches_im2col(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A training step through a layer that takes the Winograd forward: the backward pass,
+    which then unrolls the input itself, gives the gradients of the im2col path."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 16, 9, 9))
+    wt = rng.standard_normal((18, 16, 3, 3)) / 12
+    b = rng.standard_normal(18)
+    dout = rng.standard_normal((6, 18, 9, 9))
+    ws = Workspace()
+    y = kernels.conv2d_forward(x, wt, b, 1, 1, relu=True, workspace=ws, keep_col=True)
+    assert ws.kept is None  # nothing unrolled to keep
+    dx, dw, db = kernels.conv2d_backward(dout, x, wt, 1, 1, y=y, workspace=ws)
+    ws2 = Workspace()
+    y2 = _im2col_forward(monkeypatch, x, wt, b, 1, 1, relu=True, workspace=ws2, keep_col=True)
+    assert ws2.kept is not None
+    dx2, dw2, db2 = kernels.conv2d_backward(dout, x, wt, 1, 1, y=y2, workspace=ws2)
+    np.testing.assert_allclose(y, y2, rtol=1e-12, atol=1e-12)
+    for a, b_ in ((dx, dx2), (dw, dw2), (db, db2)):
+        np.testing.assert_allclose(a, b_, rtol=1e-12, atol=1e-12)
+
+
+def test_winograd_is_deterministic() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((7, 24, 13, 13)).astype(np.float32)
+    wt = rng.standard_normal((20, 24, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(20).astype(np.float32)
+    first = kernels.conv2d_forward(x, wt, b, 1, 1, workspace=Workspace())
+    for _ in range(3):
+        np.testing.assert_array_equal(kernels.conv2d_forward(x, wt, b, 1, 1), first)
+
+
+def test_winograd_serves_only_what_it_can() -> None:
+    assert not winograd.applies(3, 32, (3, 3), (1, 1))  # first layers: im2col
+    assert not winograd.applies(32, 32, (3, 3), (2, 2))
+    assert not winograd.applies(32, 32, (5, 5), (1, 1))
+    assert winograd.applies(16, 16, (3, 3), (1, 1))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(1, 4),
+    c=st.integers(16, 19),
+    k=st.integers(16, 19),
+    h=st.integers(1, 10),
+    w=st.integers(1, 10),
+    padding=st.sampled_from([0, 1, 2, (2, 1)]),
+    relu=st.booleans(),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_gradients_after_a_winograd_forward_match_reference(
+    n: int, c: int, k: int, h: int, w: int, padding: Any, relu: bool, dtype: Any, seed: int
+) -> None:
+    """After a Winograd forward (which keeps nothing unrolled), the backward pass gives the
+    reference's dx (full convolution), dw and db, the fused ReLU's mask taken from the
+    Winograd output."""
+    ph, pw = (padding, padding) if isinstance(padding, int) else padding
+    if h + 2 * ph < 3 or w + 2 * pw < 3:
+        return
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    wt = rng.standard_normal((k, c, 3, 3)).astype(dtype)
+    y = kernels.conv2d_forward(x, wt, None, 1, (ph, pw), relu=relu)
+    dout = rng.standard_normal(y.shape).astype(dtype)
+    dx, dw, db = kernels.conv2d_backward(dout, x, wt, 1, (ph, pw), y=y if relu else None)
+    assert dx is not None
+    masked = np.where(y > 0, dout, 0) if relu else dout
+    rdx, rdw, rdb = ref.conv2d_backward(masked.astype(np.float64), x.astype(np.float64),
+                                        wt.astype(np.float64), 1, (ph, pw))  # fmt: skip
+    for got, want in ((dx, rdx), (dw, rdw), (db, rdb)):
+        assert got.shape == want.shape and got.dtype == dtype
+        scale = max(np.abs(want).max(), 1.0)
+        assert np.abs(got - want).max() / scale < TOL[dtype] * 10
