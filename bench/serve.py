@@ -91,6 +91,8 @@ def start_echo() -> tuple[subprocess.Popen[bytes], str]:
                 return proc, target
             except Exception:  # not up yet
                 if proc.poll() is not None or time.monotonic() > deadline:
+                    proc.kill()
+                    proc.wait()
                     raise RuntimeError("the echo server did not start") from None
                 time.sleep(0.05)
 

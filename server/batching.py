@@ -3,8 +3,9 @@
 Calls for the same model version join one queue; a worker per queue runs them as one forward
 pass of up to ``max_batch_size`` samples and hands each caller its rows. The worker takes what
 is queued at once; it waits up to ``max_queue_delay_us`` for more only while other calls are
-on their way (decoded but not yet queued), so a lone caller never waits (it even runs in its
-own thread) and a busy server fills its batches. Larger batches amortise the per-call overhead
+on their way (decoded but not yet queued) or a lone caller's pass is running, so a lone
+caller never waits (it even runs in its own thread: nothing queued, gathered or running) and
+a busy server fills its batches. Larger batches amortise the per-call overhead
 of the engine's kernels.
 
 Each model may set its own ``max_batch_size`` and ``max_queue_delay_us``, or turn batching
@@ -56,10 +57,16 @@ class _Queue:
         self.items: deque[_Request] = deque()
         self.cond = threading.Condition()
         self.arriving = 0  # callers between decode and enqueue
-        self.busy = False  # a batch (or a lone caller's input) is running
+        self.running = 0  # forward passes in flight: the worker's batch and lone callers
+        self.gathering = False  # the worker holds calls and waits for more
         self.thread = threading.Thread(target=self._work, name=f"cnnd-batch-{key[0]}", daemon=True)
         self.alive = True
         self.thread.start()
+
+    def idle(self) -> bool:
+        """Nothing queued, gathered, running or on its way: a caller may run alone. (Under
+        ``cond``.)"""
+        return not self.items and not self.gathering and self.running == 0 and not self.arriving
 
     def _take(self) -> list[_Request] | None:
         with self.cond:
@@ -69,19 +76,25 @@ class _Queue:
             max_size, delay_us = self.batcher.limits(self.policy)
             deadline = time.perf_counter() + delay_us / 1e6
             batch, size = [], 0
+            self.gathering = True
             while True:
                 while self.items and size + len(self.items[0].x) <= max_size:
                     r = self.items.popleft()
                     batch.append(r)
                     size += len(r.x)
                 if not batch:  # one call larger than the batch limit runs alone
-                    r = self.items.popleft()
-                    return [r]
+                    batch.append(self.items.popleft())
+                    break
                 left = deadline - time.perf_counter()
                 full = size >= max_size or bool(self.items)  # the next one won't fit
-                if full or left <= 0 or self.arriving == 0:
-                    return batch
+                # Wait for calls on their way, and for a lone caller's pass to end (what
+                # queues meanwhile joins this batch), within the queue delay.
+                if full or left <= 0 or (self.arriving == 0 and self.running == 0):
+                    break
                 self.cond.wait(left)
+            self.gathering = False
+            self.running += 1
+            return batch
 
     def _work(self) -> None:
         while True:
@@ -90,13 +103,11 @@ class _Queue:
                 if self.batcher._retire(self):
                     return
                 continue
-            with self.cond:
-                self.busy = True
             try:
                 self._run(batch)
             finally:
                 with self.cond:
-                    self.busy = False
+                    self.running -= 1
 
     def _run(self, batch: list[_Request]) -> None:
         m = self.batcher.metrics
@@ -161,13 +172,13 @@ class Batcher:
             with q.cond:
                 q.arriving -= 1
                 queued = True
-                # Alone (nothing queued, nothing running, no one on the way): run in this
+                # Alone (nothing queued, gathered, running or on the way): run in this
                 # thread; handing over to the worker would only add a thread switch. No
                 # request object, no event, no wake-up of the worker: this is the latency
                 # of a lone client.
-                alone = not q.items and not q.busy and q.arriving == 0
+                alone = q.idle()
                 if alone:
-                    q.busy = True
+                    q.running += 1
                 else:
                     r = _Request(x, time.perf_counter())
                     q.items.append(r)
@@ -176,8 +187,10 @@ class Batcher:
                 try:
                     return self._alone(q.model, x, queued=True)
                 finally:
-                    with q.cond:  # callers that came meanwhile were queued and notified
-                        q.busy = False
+                    with q.cond:
+                        q.running -= 1
+                        if q.items:  # the worker may be waiting for this pass to end
+                            q.cond.notify()
             r.done.wait()
             if r.error is not None:
                 raise r.error

@@ -17,10 +17,10 @@ for inference). dL/dx is a 3x3 convolution of dY too (padded by 2 - p, kernels f
 transposed), but computed here it was 3-5% slower per step than im2col's GEMM + col2im.
 
 Results differ from im2col's in the last bits (the transforms reassociate the sums), well
-inside float32 rounding of the same dot products. One difference in kind: a NaN or infinity
-in the input spreads to the whole 2x2 output tile whose input tile holds it (0 * inf is NaN
-in the transforms), where im2col confines it to the outputs that read it. The service refuses
-non-finite inputs, so this only shows once training has diverged.
+inside float32 rounding of the same dot products. One difference in kind: an infinity in the
+input gives NaN, not +-inf, in (most of) the outputs that read it, since the transforms
+subtract it from itself; NaN reaches exactly the outputs it reaches under im2col. The service
+refuses non-finite inputs, so this only shows once training has diverged.
 """
 
 from __future__ import annotations
@@ -209,6 +209,8 @@ def conv3x3_forward(
     K = w.shape[0]
     ph, pw = padding
     OH, OW = out.shape[2], out.shape[3]
+    if N == 0 or OH == 0 or OW == 0:
+        return out
     TH, TW = (OH + 1) // 2, (OW + 1) // 2
     T = max(1, min(numba.get_num_threads(), N))
     per_thread = -(-N // T)

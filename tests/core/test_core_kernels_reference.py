@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from cnnd.core import kernels
 from cnnd.core import reference as ref
 from cnnd.core.kernels.activations import PARALLEL_MIN
+from cnnd.core.kernels.dense import PARALLEL_MIN_MACS
 
 DTYPES = [np.float64, np.float32]
 TOL = {np.float64: {"rtol": 1e-10, "atol": 1e-10}, np.float32: {"rtol": 1e-4, "atol": 1e-5}}
@@ -194,6 +195,25 @@ def test_linear_matches_reference(
     np.testing.assert_array_equal(dw2, dw)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("n", "f", "o"), [(64, 300, 10), (3, 500, 700), (180, 257, 3)])
+def test_linear_parallel_backward_matches_reference(dtype: Any, n: int, f: int, o: int) -> None:
+    """Above PARALLEL_MIN_MACS the backward splits dW by rows and dx by samples over threads
+    (some with a single row or sample); with the fused ReLU's mask it equals the reference."""
+    assert n * f * o >= PARALLEL_MIN_MACS
+    rng = np.random.default_rng(n + f + o)
+    x, w, b = _randn(rng, (n, f), dtype), _randn(rng, (o, f), dtype), _randn(rng, (o,), dtype)
+    y = kernels.linear_forward(x, w, b, relu=True)
+    dout = _randn(rng, (n, o), dtype)
+    masked = np.where(y > 0, dout, 0).astype(np.float64)
+    rdx, rdw, rdb = ref.linear_backward(masked, x.astype(np.float64), w.astype(np.float64))
+    dx, dw, db = kernels.linear_backward(dout, x, w, need_dx=True, y=y)
+    assert dx is not None
+    _close(dx, rdx, dtype, TOL_SUM)
+    _close(dw, rdw, dtype, TOL_SUM)
+    _close(db, rdb, dtype, TOL_SUM)
+
+
 def _check_activations(x: np.ndarray, dout: np.ndarray, dtype: Any, slope: float) -> None:
     x64, d64 = x.astype(np.float64), dout.astype(np.float64)
     y = kernels.relu_forward(x)
@@ -363,10 +383,10 @@ def test_maxpool_nan_wins_its_window(dtype: Any, kernel: int, stride: int | None
     fast path (a row holding a NaN is redone by the general loop) and the general loop, on
     planes large enough for the parallel driver."""
     rng = np.random.default_rng(7)
-    x = rng.standard_normal((4, 16, 12, 12)).astype(dtype)
+    x = rng.standard_normal((8, 32, 12, 12)).astype(dtype)  # above pool.PARALLEL_MIN
     x[0, 0, 0, 1] = np.nan  # second cell of the first window
     x[0, 0, 1, 0] = np.nan  # third cell of the same window: the earlier NaN wins
-    x[3, 15, 11, 11] = np.nan  # the last cell of the last plane
+    x[7, 31, 11, 11] = np.nan  # the last cell of the last plane
     x[1, 2, 4, 4:6] = np.inf
     y, argmax = kernels.maxpool2d_forward(x, kernel, stride)
     np.testing.assert_array_equal(np.isnan(y), np.isnan(ref.maxpool2d_forward(x, kernel, stride)))
@@ -378,4 +398,4 @@ def test_maxpool_nan_wins_its_window(dtype: Any, kernel: int, stride: int | None
     _close(dx, ref.maxpool2d_backward(dout.astype(np.float64), x, kernel, stride), dtype)
     if kernel == 2 and stride is None:
         assert argmax[0, 0, 0, 0] == 1  # flat index of (0, 1) in the 12x12 plane
-        assert argmax[3, 15, 5, 5] == 11 * 12 + 11
+        assert argmax[7, 31, 5, 5] == 11 * 12 + 11

@@ -151,3 +151,28 @@ def test_gradients_after_a_winograd_forward_match_reference(
         assert got.shape == want.shape and got.dtype == dtype
         scale = max(np.abs(want).max(), 1.0)
         assert np.abs(got - want).max() / scale < TOL[dtype] * 10
+
+
+def test_winograd_blocks_and_reused_workspace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several blocks per thread with a partial last one (a small block budget), and one
+    workspace reused across batch sizes and shapes, give the reference's output."""
+    monkeypatch.setattr(winograd, "BLOCK_BUDGET", 16 * 16 * 9 * 2)  # two 6x6 samples a block
+    ws = Workspace()
+    rng = np.random.default_rng(3)
+    for n, size in ((7, 6), (3, 9), (11, 6), (1, 4)):
+        x = rng.standard_normal((n, 16, size, size))
+        wt = rng.standard_normal((16, 16, 3, 3))
+        b = rng.standard_normal(16)
+        y = kernels.conv2d_forward(x, wt, b, 1, 1, workspace=ws)
+        r = ref.conv2d_forward(x, wt, b, 1, 1)
+        np.testing.assert_allclose(y, r, rtol=1e-12, atol=1e-12)
+
+
+def test_winograd_empty_outputs() -> None:
+    """An input smaller than the kernel (no padding) or an empty batch gives an empty output,
+    as on the im2col path."""
+    w = np.ones((16, 16, 3, 3), np.float32)
+    assert kernels.conv2d_forward(np.ones((1, 16, 2, 5), np.float32), w, None).shape == (
+        1, 16, 0, 3)  # fmt: skip
+    assert kernels.conv2d_forward(np.ones((0, 16, 5, 5), np.float32), w, None).shape == (
+        0, 16, 3, 3)  # fmt: skip

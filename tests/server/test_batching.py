@@ -16,7 +16,10 @@ import pytest
 from cnnd.client import Batching, Client, InvalidArgument, NotFound
 from cnnd.core import Sequential, save_model
 from cnnd.server.app import create_server
-from cnnd.server.config import ServerConfig
+from cnnd.server.batching import Batcher
+from cnnd.server.config import BatchingConfig, ServerConfig
+from cnnd.server.registry import Loaded
+from cnnd.server.store.base import ModelRecord
 from cnnd.v1 import models_pb2
 from tests.conftest import SMALL_SPEC
 
@@ -268,3 +271,98 @@ def test_policies_survive_a_restart(tmp_path: Path) -> None:
         assert srv.deps.registry.load("a", allow_initial=True).record.batching.max_batch_size == 3
     finally:
         srv.stop(5)
+
+
+# --- the queue itself: who runs, who waits --------------------------------------------------
+
+
+class _Watched:
+    """A model whose forward passes are slowed to ``seconds`` and watched: their sizes and the
+    most that ever ran at once."""
+
+    def __init__(self, seconds: float) -> None:
+        self.model = Sequential.from_spec(SMALL_SPEC, seed=5)
+        self.seconds = seconds
+        self.sizes: list[int] = []
+        self.running = 0
+        self.most = 0
+        self._lock = threading.Lock()
+
+    def forward(self, x: np.ndarray, train: bool = False) -> np.ndarray:
+        with self._lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.sizes.append(len(x))
+        time.sleep(self.seconds)
+        try:
+            return self.model.forward(x, train)
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def _queue_of(watched: _Watched, delay_us: int) -> tuple[Batcher, Loaded]:
+    config = BatchingConfig(max_batch_size=16, max_queue_delay_us=delay_us)
+    record = ModelRecord(id="mdl_q", name="q", spec=SMALL_SPEC, seed=5, parameter_count=0,
+                         create_time=0.0)  # fmt: skip
+    return Batcher(config), Loaded(record, 1, watched)  # type: ignore[arg-type]
+
+
+def test_a_call_arriving_while_the_worker_gathers_joins_its_batch() -> None:
+    """X is queued while Y is still decoding, so the worker holds X and waits for Y (up to a
+    300 ms delay). When Y arrives it must join that batch, not run alone beside it and leave
+    X waiting out the whole delay."""
+    watched = _Watched(0.0)
+    batcher, loaded = _queue_of(watched, 300_000)
+    x = np.random.default_rng(3).random((1, 1, 8, 8), dtype=np.float32)
+    watched.model.forward(np.concatenate([x, x]))  # first calls load kernels: not the point
+    took: dict[str, float] = {}
+    y_arrived = threading.Event()
+
+    def call_y() -> None:
+        with batcher.arriving(loaded) as run:
+            y_arrived.set()
+            time.sleep(0.02)  # decoding
+            t = time.perf_counter()
+            run(x)
+            took["y"] = time.perf_counter() - t
+
+    ty = threading.Thread(target=call_y)
+    ty.start()
+    y_arrived.wait(5)
+    with batcher.arriving(loaded) as run:
+        t = time.perf_counter()
+        got = run(x)
+        took["x"] = time.perf_counter() - t
+    ty.join(5)
+    np.testing.assert_allclose(got, watched.model.forward(x), rtol=1e-5, atol=1e-6)
+    assert took["x"] < 0.15, f"X waited {took['x'] * 1e3:.0f} ms for a batch Y never joined"
+    assert watched.sizes == [2]
+
+
+def test_a_lone_pass_and_a_batch_never_overlap() -> None:
+    """Calls that come while a lone caller's pass runs queue up and run together after it (the
+    worker waits for the pass to end, within the delay): one pass at a time, and fewer passes
+    than calls."""
+    watched = _Watched(0.03)
+    batcher, loaded = _queue_of(watched, 200_000)
+    x = np.random.default_rng(4).random((1, 1, 8, 8), dtype=np.float32)
+    expected = watched.model.forward(x)
+    errors: list[BaseException] = []
+
+    def call(pause: float) -> None:
+        try:
+            time.sleep(pause)
+            with batcher.arriving(loaded) as run:
+                np.testing.assert_allclose(run(x), expected, rtol=1e-5, atol=1e-6)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(0.005 * i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert errors == []
+    assert watched.most == 1, "a lone pass and a batch ran at the same time"
+    assert sum(watched.sizes) == 6 and len(watched.sizes) < 6

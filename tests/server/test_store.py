@@ -257,25 +257,32 @@ def test_concurrent_updates_of_different_fields_both_hold(
     stores = [first, open_store()] if backend == "postgres" else [first]
     m = make_model(first)
     fields = ["max_batch_size", "max_queue_delay_us"]
-    step = threading.Barrier(len(fields))
+    step = threading.Barrier(len(fields), timeout=30)  # a failing thread cannot hang the other
     lost: list[BatchingPolicy] = []
+    errors: list[BaseException] = []
 
     def update(i: int) -> None:
-        for value in range(1, 31):  # each round, both fields are written at the same moment
-            step.wait()
-            stores[i % len(stores)].update_model_batching(
-                m.id, BatchingPolicy(**{fields[i]: value}), [fields[i]]
-            )
-            step.wait()
-            got = first.get_model(m.id).batching  # type: ignore[union-attr]
-            if i == 0 and got != BatchingPolicy(value, value):
-                lost.append(got)  # a read-merge-write outside one transaction loses writes
+        try:
+            for value in range(1, 31):  # each round, both fields are written at the same moment
+                step.wait()
+                stores[i % len(stores)].update_model_batching(
+                    m.id, BatchingPolicy(**{fields[i]: value}), [fields[i]]
+                )
+                step.wait()
+                got = first.get_model(m.id).batching  # type: ignore[union-attr]
+                if i == 0 and got != BatchingPolicy(value, value):
+                    lost.append(got)  # a read-merge-write outside one transaction loses writes
+        except BaseException as e:  # surfaced below; the other thread is released
+            step.abort()
+            errors.append(e)
 
-    threads = [threading.Thread(target=update, args=(i,)) for i in range(len(fields))]
+    threads = [threading.Thread(target=update, args=(i,), daemon=True) for i in range(len(fields))]
     for t in threads:
         t.start()
     for t in threads:
         t.join(60)
+    assert [e for e in errors if not isinstance(e, threading.BrokenBarrierError)] == []
+    assert errors == []
     assert lost == []
     assert first.get_model(m.id).batching == BatchingPolicy(30, 30)  # type: ignore[union-attr]
 
