@@ -35,6 +35,7 @@ class Registry:
         self._lock = threading.Lock()
         self._loading: dict[tuple[str, int], threading.Lock] = {}
         self._records: dict[str, tuple[float, ModelRecord]] = {}  # key -> (when, record)
+        self._generation = 0  # bumped by refresh/forget
 
     def record(self, key: str, field: str = "model_id") -> ModelRecord:
         record = self.store.get_model(key)
@@ -73,6 +74,7 @@ class Registry:
         now = time.monotonic()
         with self._lock:
             hit = self._records.get(key)
+            generation = self._generation
         if hit is not None and now - hit[0] < RECORD_TTL:
             try:
                 record = hit[1]
@@ -83,7 +85,9 @@ class Registry:
         record = self.record(key)
         v = self.resolve_version(record, version, allow_initial)
         with self._lock:
-            self._records[key] = (now, record)
+            # Not if a refresh or forget came meanwhile: this record may predate it.
+            if self._generation == generation:
+                self._records[key] = (now, record)
         return Loaded(record, v, self.get(record, v))
 
     def get(self, record: ModelRecord, version: int) -> Sequential:
@@ -120,11 +124,13 @@ class Registry:
         the next call reads it from the store. Built versions stay; their weights are the same."""
         with self._lock:
             self._records = {k: v for k, v in self._records.items() if v[1].id != model_id}
+            self._generation += 1
 
     def forget(self, model_id: str, version: int = 0) -> None:
         """Drop what is cached about a model: after a delete, or when it gained a version."""
         with self._lock:
             self._records = {k: v for k, v in self._records.items() if v[1].id != model_id}
+            self._generation += 1
             if version == 0:  # deleted: its built versions go too (a new version changes none)
                 for key in [k for k in self._cache if k[0] == model_id]:
                     del self._cache[key]

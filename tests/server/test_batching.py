@@ -366,3 +366,26 @@ def test_a_lone_pass_and_a_batch_never_overlap() -> None:
     assert errors == []
     assert watched.most == 1, "a lone pass and a batch ran at the same time"
     assert sum(watched.sizes) == 6 and len(watched.sizes) < 6
+
+
+def test_a_refresh_during_a_lookup_is_not_undone() -> None:
+    """An UpdateModel that lands while another call is reading the model's record from the
+    store must not be undone by that call caching the record it read (which predates it)."""
+    from cnnd.core.spec import SpecLimits
+    from cnnd.server.registry import Registry
+
+    record = ModelRecord(id="mdl_r", name="r", spec=SMALL_SPEC, seed=0, parameter_count=0,
+                         create_time=0.0)  # fmt: skip
+    reads: list[int] = []
+
+    class Store:
+        def get_model(self, key: str) -> ModelRecord:
+            reads.append(1)
+            if len(reads) == 1:
+                registry.refresh(record.id)  # the update commits while this read is in flight
+            return record
+
+    registry = Registry(Store(), SpecLimits())  # type: ignore[arg-type]
+    registry.load("r", allow_initial=True)
+    registry.load("r", allow_initial=True)
+    assert len(reads) == 2, "the second call served the record read before the update"
