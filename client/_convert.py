@@ -83,13 +83,22 @@ def spec_from_proto(spec: models_pb2.ModelSpec) -> dict[str, Any]:
 
 def encode_tensor(a: np.ndarray) -> tensor_pb2.Tensor:
     """uint8 arrays travel as UINT8, everything else as FLOAT32."""
+    t = tensor_pb2.Tensor()
+    fill_tensor(t, a)
+    return t
+
+
+def fill_tensor(t: tensor_pb2.Tensor, a: np.ndarray) -> None:
+    """encode_tensor into ``t``, an empty Tensor inside a message being built (filling it in
+    place saves copying a finished Tensor into its parent)."""
     a = np.asarray(a)
+    t.shape.extend(a.shape)
     if a.dtype == np.uint8:
-        return tensor_pb2.Tensor(
-            shape=list(a.shape), dtype=tensor_pb2.DATA_TYPE_UINT8, data=a.tobytes(order="C")
-        )
-    data = np.ascontiguousarray(a, dtype="<f4").tobytes()
-    return tensor_pb2.Tensor(shape=list(a.shape), dtype=tensor_pb2.DATA_TYPE_FLOAT32, data=data)
+        t.dtype = tensor_pb2.DATA_TYPE_UINT8
+        t.data = a.tobytes(order="C")
+    else:
+        t.dtype = tensor_pb2.DATA_TYPE_FLOAT32
+        t.data = np.ascontiguousarray(a, dtype="<f4").tobytes()
 
 
 def decode_tensor(t: tensor_pb2.Tensor) -> np.ndarray:

@@ -35,6 +35,16 @@ log = logging.getLogger("cnnd.batching")
 IDLE_SECONDS = 60.0  # a queue's worker exits after this long without work
 
 
+def measured_forward(model: Sequential, x: np.ndarray, metrics: Any = None) -> np.ndarray:
+    """One inference forward pass, observed in the batch-size and compute-time histograms."""
+    start = time.perf_counter()
+    logits = model.forward(x, train=False)
+    if metrics is not None:
+        metrics.infer_batch.observe(len(x))
+        metrics.infer_compute.observe(time.perf_counter() - start)
+    return logits
+
+
 @dataclass
 class _Request:
     x: np.ndarray
@@ -114,16 +124,12 @@ class _Queue:
         start = time.perf_counter()
         try:
             x = batch[0].x if len(batch) == 1 else np.concatenate([r.x for r in batch])
-            logits = self.model.forward(x, train=False)
+            logits = measured_forward(self.model, x, self.batcher.metrics)
         except BaseException as e:  # every caller gets the error
             for r in batch:
                 r.error = e
                 r.done.set()
             return
-        end = time.perf_counter()
-        if m is not None:
-            m.infer_batch.observe(len(x))
-            m.infer_compute.observe(end - start)
         row = 0
         for r in batch:
             r.logits = logits[row : row + len(r.x)]
@@ -209,14 +215,9 @@ class Batcher:
         """A call run by itself in the caller's thread (a model that does not batch, or a
         lone caller), measured like a batch of one call; ``queued``: it went through a queue,
         with no wait."""
-        start = time.perf_counter()
-        logits = model.forward(x, train=False)
-        m = self.metrics
-        if m is not None:
-            m.infer_batch.observe(len(x))
-            m.infer_compute.observe(time.perf_counter() - start)
-            if queued:
-                m.infer_queue.observe(0.0)
+        logits = measured_forward(model, x, self.metrics)
+        if queued and self.metrics is not None:
+            self.metrics.infer_queue.observe(0.0)
         return logits
 
     def _retire(self, q: _Queue) -> bool:

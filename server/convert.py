@@ -18,6 +18,7 @@ from cnnd.client._convert import (  # encode_tensor: re-exported for the handler
     DTYPE_NAMES,
     DTYPES,
     encode_tensor,  # noqa: F401
+    fill_tensor,
     spec_to_proto,
 )
 from cnnd.core.kernels import softmax
@@ -280,12 +281,6 @@ def infer_response(
         model_id=model_id, version=version, classes=logits.argmax(axis=1).tolist(),
         request_id=request_id,
     )  # fmt: skip
-    _fill_f32(out.logits, logits)
-    _fill_f32(out.probabilities, softmax(logits))
+    fill_tensor(out.logits, logits)
+    fill_tensor(out.probabilities, softmax(logits))
     return out
-
-
-def _fill_f32(t: tensor_pb2.Tensor, a: np.ndarray) -> None:
-    t.shape.extend(a.shape)
-    t.dtype = tensor_pb2.DATA_TYPE_FLOAT32
-    t.data = np.ascontiguousarray(a, dtype="<f4").tobytes()

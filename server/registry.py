@@ -123,14 +123,18 @@ class Registry:
         """Drop the cached record of a model whose settings changed (its batching policy):
         the next call reads it from the store. Built versions stay; their weights are the same."""
         with self._lock:
-            self._records = {k: v for k, v in self._records.items() if v[1].id != model_id}
-            self._generation += 1
+            self._drop_records(model_id)
+
+    def _drop_records(self, model_id: str) -> None:
+        """(Under the lock.) Forget the model's cached records, and make lookups already
+        reading the store not cache theirs (see load)."""
+        self._records = {k: v for k, v in self._records.items() if v[1].id != model_id}
+        self._generation += 1
 
     def forget(self, model_id: str, version: int = 0) -> None:
         """Drop what is cached about a model: after a delete, or when it gained a version."""
         with self._lock:
-            self._records = {k: v for k, v in self._records.items() if v[1].id != model_id}
-            self._generation += 1
+            self._drop_records(model_id)
             if version == 0:  # deleted: its built versions go too (a new version changes none)
                 for key in [k for k in self._cache if k[0] == model_id]:
                     del self._cache[key]

@@ -1,5 +1,5 @@
-"""The benchmarks run: a quick pass of each, checked for shape and sanity, not for speed
-(speed is measured by running them on a quiet machine, see bench/README.md)."""
+"""The serving benchmark runs: a quick pass, checked for shape and sanity, not for speed
+(speed is measured by running it on a quiet machine, see bench/README.md)."""
 
 from __future__ import annotations
 

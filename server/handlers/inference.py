@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
@@ -12,6 +11,7 @@ from google.rpc import status_pb2
 from cnnd.core import as_float
 from cnnd.core.kernels import softmax_cross_entropy
 from cnnd.server import convert
+from cnnd.server.batching import measured_forward
 from cnnd.server.deps import Deps
 from cnnd.server.errors import InvalidArgument, ServiceError
 from cnnd.server.handlers.models import model_message
@@ -47,12 +47,7 @@ def infer(deps: Deps, req: inference_pb2.InferRequest) -> inference_pb2.InferRes
         with deps.batcher.arriving(loaded) as run:
             logits = run(decode_input(deps, loaded, req))
     else:
-        x = decode_input(deps, loaded, req)
-        start = time.perf_counter()
-        logits = loaded.model.forward(x, train=False)
-        if deps.metrics is not None:
-            deps.metrics.infer_compute.observe(time.perf_counter() - start)
-            deps.metrics.infer_batch.observe(len(x))
+        logits = measured_forward(loaded.model, decode_input(deps, loaded, req), deps.metrics)
     if deps.metrics is not None:
         deps.metrics.infer_requests.labels(loaded.record.id).inc()
         deps.metrics.infer_samples.labels(loaded.record.id).inc(len(logits))
