@@ -38,6 +38,7 @@ from numba import njit, prange
 
 from cnnd.core import _runtime  # noqa: F401  (threading layer, cache dir, BLAS threads)
 from cnnd.core.kernels import winograd
+from cnnd.core.kernels.loops import add_into, copy_into, fill_zero
 from cnnd.core.kernels.workspace import Workspace
 
 COL_BUDGET = 1 << 19  # floats of one block's unrolled input (2 MiB in float32)
@@ -79,19 +80,19 @@ def im2col(x, kh, kw, sh, sw, ph, pw, OH, OW, col, off):
             for b in range(kw):
                 c_lo, c_hi = _valid_range(W, OW, b, sw, pw)
                 row = col[(ch * kh + a) * kw + b, off : off + P]
-                row[: r_lo * OW] = 0
-                row[r_hi * OW :] = 0
+                fill_zero(row[: r_lo * OW])
+                fill_zero(row[r_hi * OW :])
                 s0 = c_lo * sw - pw + b
                 for r in range(r_lo, r_hi):
                     dst = row[r * OW : (r + 1) * OW]
                     src = x[ch, r * sh - ph + a]
-                    dst[:c_lo] = 0
+                    fill_zero(dst[:c_lo])
                     if sw == 1:
-                        dst[c_lo:c_hi] = src[s0 : s0 + c_hi - c_lo]
+                        copy_into(dst[c_lo:c_hi], src[s0 : s0 + c_hi - c_lo])
                     else:
                         for c in range(c_lo, c_hi):
                             dst[c] = src[s0 + (c - c_lo) * sw]
-                    dst[c_hi:] = 0
+                    fill_zero(dst[c_hi:])
 
 
 @njit(nogil=True, cache=True)
@@ -109,8 +110,8 @@ def _im2col_same(x, kh, kw, ph, pw, OH, col, off):
             for b in range(kw):
                 c_lo, c_hi = _valid_range(W, W, b, 1, pw)
                 row = col[(ch * kh + a) * kw + b, off : off + P]
-                row[: r_lo * W] = 0
-                row[r_hi * W :] = 0
+                fill_zero(row[: r_lo * W])
+                fill_zero(row[r_hi * W :])
                 if r_hi > r_lo:
                     s = ch * H * W + (a - ph) * W + (b - pw)
                     j0 = r_lo * W
@@ -118,9 +119,9 @@ def _im2col_same(x, kh, kw, ph, pw, OH, col, off):
                     # Clamp the copy to the plane; the clipped ends are wrapped columns.
                     lo = max(j0, -s + ch * H * W)
                     hi = min(j1, ch * H * W + H * W - s)
-                    row[j0:lo] = 0
-                    row[lo:hi] = xf[s + lo : s + hi]
-                    row[hi:j1] = 0
+                    fill_zero(row[j0:lo])
+                    copy_into(row[lo:hi], xf[s + lo : s + hi])
+                    fill_zero(row[hi:j1])
                     for r in range(r_lo, r_hi):
                         for c in range(c_lo):
                             row[r * W + c] = 0
@@ -152,7 +153,7 @@ def _col2im_same(col, off, kh, kw, ph, pw, OH, dx):
                 s = ch * H * W + (a - ph) * W + (b - pw)
                 lo = max(r_lo * W, -s + ch * H * W)
                 hi = min(r_hi * W, ch * H * W + H * W - s)
-                xf[s + lo : s + hi] += row[lo:hi]
+                add_into(xf[s + lo : s + hi], row[lo:hi])
 
 
 @njit(nogil=True, cache=True)
@@ -199,14 +200,14 @@ def _im2col_wide(x, kh, kw, ph, OH, col, off):
             r_lo, r_hi = _valid_range(H, OH, a, 1, ph)
             for b in range(kw):
                 row = col[(ch * kh + a) * kw + b, off : off + P]
-                row[: r_lo * W] = 0
-                row[r_hi * W :] = 0
+                fill_zero(row[: r_lo * W])
+                fill_zero(row[r_hi * W :])
                 if r_hi > r_lo:
                     s = ch * H * W + (a - ph) * W + b
                     j0, j1 = r_lo * W, r_hi * W
                     hi = min(j1, C * H * W - s)  # the last junk columns may pass the end
-                    row[j0:hi] = xf[s + j0 : s + hi]
-                    row[hi:j1] = 0
+                    copy_into(row[j0:hi], xf[s + j0 : s + hi])
+                    fill_zero(row[hi:j1])
 
 
 @njit(nogil=True, cache=True)
@@ -226,7 +227,7 @@ def _col2im_wide(col, off, kh, kw, ph, OH, dx):
                 s = ch * H * W + (a - ph) * W + b
                 j0, j1 = r_lo * W, r_hi * W
                 hi = min(j1, C * H * W - s)
-                xf[s + j0 : s + hi] += row[j0:hi]
+                add_into(xf[s + j0 : s + hi], row[j0:hi])
 
 
 @njit(nogil=True, cache=True)
@@ -337,8 +338,8 @@ def _backward_range(x, w2, dout, y, relu, kh, kw, sh, sw, ph, pw, need_dx, dx, l
                         for c in range(OW):  # a select, not a branch: it vectorises
                             dst[c] = srow[c] if yrow[c] > 0 else 0
                     else:
-                        dst[:OW] = srow
-                    dst[OW:] = 0
+                        copy_into(dst[:OW], srow)
+                    fill_zero(dst[OW:])
                 db_acc[k] += _sum64(dy[k, i * P : (i + 1) * P])
         # dW.T = col @ dY.T: the position-major orientation BLAS runs fastest (1.4-2x).
         np.dot(col, dy.T, dwt_tmp)

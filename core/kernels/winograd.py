@@ -32,6 +32,7 @@ import numpy as np
 from numba import njit, prange
 
 from cnnd.core import _runtime  # noqa: F401  (threading layer, cache dir, BLAS threads)
+from cnnd.core.kernels.loops import copy_into
 from cnnd.core.kernels.workspace import Workspace
 
 MIN_CHANNELS = 16  # below this the transforms cost more than the GEMMs save
@@ -82,7 +83,7 @@ def _input_transform(x, ph, pw, TH, TW, xp, V, SV, T, t0):
     C, H, W = x.shape
     for c in range(C):
         for h in range(H):
-            xp[c, h + ph, pw : pw + W] = x[c, h]
+            copy_into(xp[c, h + ph, pw : pw + W], x[c, h])
     for c in range(C):
         base = c * T + t0
         for th in range(TH):
