@@ -1,8 +1,9 @@
 """Optimizers with PyTorch's update rules, and learning-rate schedules.
 
-Updates run in place on the model's parameter arrays, in float32 as PyTorch does. Optimizer
-state (momentum buffers, Adam moments, step counts) round-trips through ``state_dict`` as plain
-arrays, so a checkpoint restores it exactly.
+Updates run in place on the model's parameter arrays, in float32 as PyTorch does, in one fused
+pass per parameter (``cnnd.core.kernels.optim``; ``cnnd.core.reference`` has the same rules in
+NumPy). Optimizer state (momentum buffers, Adam moments, step counts) round-trips through
+``state_dict`` as plain arrays, so a checkpoint restores it exactly.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from cnnd.core.kernels.optim import adam_step, sgd_step
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("constant", "step", "cosine")
@@ -77,17 +80,14 @@ class SGD(Optimizer):
         self.dampening = float(dampening)
 
     def _update(self, name: str, p: np.ndarray, g: np.ndarray, s: dict[str, np.ndarray]) -> None:
-        if self.weight_decay:
-            g = g + np.float32(self.weight_decay) * p
+        buf, first = p, False  # no momentum: no buffer (the kernel does not touch it)
         if self.momentum:
             buf = s.get("momentum_buffer")
-            if buf is None:
-                buf = s["momentum_buffer"] = g.copy()
-            else:
-                buf *= np.float32(self.momentum)
-                buf += np.float32(1 - self.dampening) * g
-            g = g + np.float32(self.momentum) * buf if self.nesterov else buf
-        p -= np.float32(self.lr) * g
+            first = buf is None
+            if first:  # PyTorch starts the buffer at the first gradient
+                buf = s["momentum_buffer"] = np.empty_like(p)
+        sgd_step(p, g, buf, first, self.lr, self.momentum, self.dampening, self.weight_decay,
+                 self.nesterov)  # fmt: skip
 
 
 class Adam(Optimizer):
@@ -112,25 +112,11 @@ class Adam(Optimizer):
         self.decoupled = decoupled
 
     def _update(self, name: str, p: np.ndarray, g: np.ndarray, s: dict[str, np.ndarray]) -> None:
-        b1, b2 = self.betas
-        if self.weight_decay:
-            if self.decoupled:
-                p *= np.float32(1 - self.lr * self.weight_decay)
-            else:
-                g = g + np.float32(self.weight_decay) * p
         if "exp_avg" not in s:
             s["exp_avg"] = np.zeros_like(p)
             s["exp_avg_sq"] = np.zeros_like(p)
-        m, v = s["exp_avg"], s["exp_avg_sq"]
-        m *= np.float32(b1)
-        m += np.float32(1 - b1) * g
-        v *= np.float32(b2)
-        v += np.float32(1 - b2) * (g * g)
-        t = self.steps
-        bias1 = 1 - b1**t
-        bias2 = 1 - b2**t
-        denom = np.sqrt(v) / np.float32(math.sqrt(bias2)) + np.float32(self.eps)
-        p -= np.float32(self.lr / bias1) * (m / denom)
+        adam_step(p, g, s["exp_avg"], s["exp_avg_sq"], self.steps, self.lr, self.betas,
+                  self.eps, self.weight_decay, self.decoupled)  # fmt: skip
 
 
 def AdamW(  # noqa: N802  (a constructor, named like PyTorch's class)

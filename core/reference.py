@@ -254,3 +254,58 @@ def softmax_cross_entropy(logits: np.ndarray, labels: np.ndarray) -> tuple[float
     d = p.copy()
     d[np.arange(N), labels] -= 1
     return float(loss), d / N
+
+
+def sgd_update(
+    p: np.ndarray,
+    g: np.ndarray,
+    buf: np.ndarray | None,
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> np.ndarray | None:
+    """torch.optim.SGD, one step, in place on p; returns the new momentum buffer (None at the
+    first step in, as PyTorch keeps none until then). Scalars rounded to float32."""
+    f32 = np.float32
+    if weight_decay:
+        g = g + f32(weight_decay) * p
+    if momentum:
+        if buf is None:
+            buf = g.copy()
+        else:
+            buf = buf * f32(momentum)
+            buf = buf + f32(1 - dampening) * g
+        g = g + f32(momentum) * buf if nesterov else buf
+    p -= f32(lr) * g
+    return buf
+
+
+def adam_update(
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    step: int,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+) -> None:
+    """torch.optim.Adam (``decoupled``: AdamW) at step ``step`` (from 1), in place on p, m, v."""
+    f32 = np.float32
+    b1, b2 = betas
+    if weight_decay:
+        if decoupled:
+            p *= f32(1 - lr * weight_decay)
+        else:
+            g = g + f32(weight_decay) * p
+    m *= f32(b1)
+    m += f32(1 - b1) * g
+    v *= f32(b2)
+    v += f32(1 - b2) * (g * g)
+    bias1, bias2 = 1 - b1**step, 1 - b2**step
+    denom = np.sqrt(v) / f32(np.sqrt(bias2)) + f32(eps)
+    p -= f32(lr / bias1) * (m / denom)

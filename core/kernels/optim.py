@@ -1,0 +1,138 @@
+"""Fused optimizer updates: one pass over each parameter, its gradient and its state.
+
+The NumPy form of an update (``buf *= m; buf += (1 - d) * g; p -= lr * buf``) makes a pass per
+operator and allocates temporaries; on the CIFAR-type net's 1.1M parameters an SGD-momentum
+step took 1.4 ms that way, 3% of a batch-32 training step. Here each element is read and
+written once, with the operations of ``cnnd.core.optim`` in the same order and precision (the
+scalars arrive rounded to float32, as there), so the results are the same to the bit. Large
+parameters are split over the threads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from cnnd.core import _runtime  # noqa: F401  (threading layer, cache dir)
+
+PARALLEL_MIN = 1 << 16  # elements below which waking the thread team costs more than it saves
+
+
+@njit(nogil=True, cache=True)
+def _sgd_range(p, g, buf, lr, momentum, damp, wd, nesterov, first, lo, hi):
+    for i in range(lo, hi):
+        gi = g[i]
+        if wd != 0:
+            gi = gi + wd * p[i]
+        if momentum != 0:
+            if first:
+                b = gi
+            else:
+                b = buf[i] * momentum
+                b = b + damp * gi
+            buf[i] = b
+            gi = gi + momentum * b if nesterov else b
+        p[i] = p[i] - lr * gi
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _sgd_parallel(p, g, buf, lr, momentum, damp, wd, nesterov, first, T):
+    n = p.shape[0]
+    for t in prange(T):
+        _sgd_range(p, g, buf, lr, momentum, damp, wd, nesterov, first, t * n // T,
+                   (t + 1) * n // T)  # fmt: skip
+
+
+@njit(nogil=True, cache=True)
+def _adam_range(p, g, m, v, lr_b1, b1, omb1, b2, omb2, sqrt_b2, eps, wd, decay, lo, hi):
+    for i in range(lo, hi):
+        pi = p[i]
+        if decay != 1:  # AdamW: decoupled decay, p *= 1 - lr*wd
+            pi = pi * decay
+        gi = g[i]
+        if wd != 0:  # Adam: L2 penalty in the gradient
+            gi = gi + wd * pi
+        mi = m[i] * b1
+        mi = mi + omb1 * gi
+        m[i] = mi
+        vi = v[i] * b2
+        vi = vi + omb2 * (gi * gi)
+        v[i] = vi
+        denom = math.sqrt(vi) / sqrt_b2 + eps
+        p[i] = pi - lr_b1 * (mi / denom)
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def _adam_parallel(p, g, m, v, lr_b1, b1, omb1, b2, omb2, sqrt_b2, eps, wd, decay, T):
+    n = p.shape[0]
+    for t in prange(T):
+        _adam_range(p, g, m, v, lr_b1, b1, omb1, b2, omb2, sqrt_b2, eps, wd, decay,
+                    t * n // T, (t + 1) * n // T)  # fmt: skip
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    if not a.flags.c_contiguous:
+        raise ValueError("optimizer state and parameters must be C-contiguous")
+    return a.reshape(-1)
+
+
+def _threads(n: int) -> int:
+    return 1 if n < PARALLEL_MIN else max(1, min(numba.get_num_threads(), n))
+
+
+def _scalars(dtype: np.dtype, *values: float) -> list[np.floating]:
+    # Rounded to float32 first, as cnnd.core.optim's NumPy form does, then in the array's type.
+    return [dtype.type(np.float32(v)) for v in values]
+
+
+def sgd_step(
+    p: np.ndarray,
+    g: np.ndarray,
+    buf: np.ndarray,
+    first: bool,
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+) -> None:
+    """torch.optim.SGD's update, in place on p and the momentum buffer ``buf`` (same shape;
+    ignored without momentum). ``first``: the buffer starts as the gradient, as in PyTorch."""
+    pf, gf, bf = _flat(p), np.ascontiguousarray(g, dtype=p.dtype).reshape(-1), _flat(buf)
+    lr_, mom, damp, wd = _scalars(p.dtype, lr, momentum, 1 - dampening, weight_decay)
+    T = _threads(pf.shape[0])
+    if T == 1:
+        _sgd_range(pf, gf, bf, lr_, mom, damp, wd, nesterov, first, 0, pf.shape[0])
+    else:
+        _sgd_parallel(pf, gf, bf, lr_, mom, damp, wd, nesterov, first, T)
+
+
+def adam_step(
+    p: np.ndarray,
+    g: np.ndarray,
+    m: np.ndarray,
+    v: np.ndarray,
+    step: int,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+) -> None:
+    """torch.optim.Adam's (``decoupled``: AdamW's) update at step ``step`` (from 1), in place
+    on p and the moment estimates m and v."""
+    b1, b2 = betas
+    pf, gf = _flat(p), np.ascontiguousarray(g, dtype=p.dtype).reshape(-1)
+    mf, vf = _flat(m), _flat(v)
+    bias1, bias2 = 1 - b1**step, 1 - b2**step
+    wd = 0.0 if decoupled else weight_decay
+    decay = 1 - lr * weight_decay if decoupled and weight_decay else 1.0
+    s = _scalars(p.dtype, lr / bias1, b1, 1 - b1, b2, 1 - b2, math.sqrt(bias2), eps, wd, decay)
+    T = _threads(pf.shape[0])
+    if T == 1:
+        _adam_range(pf, gf, mf, vf, *s, 0, pf.shape[0])
+    else:
+        _adam_parallel(pf, gf, mf, vf, *s, T)
