@@ -38,7 +38,7 @@ from numba import njit, prange
 
 from cnnd.core import _runtime  # noqa: F401  (threading layer, cache dir, BLAS threads)
 from cnnd.core.kernels import winograd
-from cnnd.core.kernels.loops import add_into, copy_into, fill_zero
+from cnnd.core.kernels.loops import add_into, copy_into, fill_zero, relu_mask_into
 from cnnd.core.kernels.workspace import Workspace
 
 COL_BUDGET = 1 << 19  # floats of one block's unrolled input (2 MiB in float32)
@@ -328,19 +328,21 @@ def _backward_range(x, w2, dout, y, relu, kh, kw, sh, sw, ph, pw, need_dx, dx, l
         dy = dy_ws[: K * L].reshape(K, L)
         for i in range(m):
             for k in range(K):
-                src = dout[n + i, k]
-                ysrc = y[n + i, k]
-                for r in range(OH):
-                    dst = dy[k, i * P + r * Wc : i * P + (r + 1) * Wc]
-                    srow = src[r]
+                plane = dy[k, i * P : (i + 1) * P]
+                if Wc == OW:  # one contiguous pass over the plane
                     if relu:
-                        yrow = ysrc[r]
-                        for c in range(OW):  # a select, not a branch: it vectorises
-                            dst[c] = srow[c] if yrow[c] > 0 else 0
+                        relu_mask_into(plane, dout[n + i, k].reshape(P), y[n + i, k].reshape(P))
                     else:
-                        copy_into(dst[:OW], srow)
-                    fill_zero(dst[OW:])
-                db_acc[k] += _sum64(dy[k, i * P : (i + 1) * P])
+                        copy_into(plane, dout[n + i, k].reshape(P))
+                else:  # row by row, zeroing the junk columns of the wide grid
+                    for r in range(OH):
+                        dst = plane[r * Wc : (r + 1) * Wc]
+                        if relu:
+                            relu_mask_into(dst[:OW], dout[n + i, k, r], y[n + i, k, r])
+                        else:
+                            copy_into(dst[:OW], dout[n + i, k, r])
+                        fill_zero(dst[OW:])
+                db_acc[k] += _sum64(plane)
         # dW.T = col @ dY.T: the position-major orientation BLAS runs fastest (1.4-2x).
         np.dot(col, dy.T, dwt_tmp)
         dwt_acc += dwt_tmp

@@ -30,3 +30,10 @@ def add_into(dst, src):
 def fill_zero(dst):
     for j in range(dst.shape[0]):
         dst[j] = 0
+
+
+@njit(nogil=True, cache=True)
+def relu_mask_into(dst, src, y):
+    """dst[:] = src where y > 0, else 0: the fused ReLU's derivative (a select, not a branch)."""
+    for j in range(dst.shape[0]):
+        dst[j] = src[j] if y[j] > 0 else 0
