@@ -2,10 +2,10 @@
 
 The NumPy form of an update (``buf *= m; buf += (1 - d) * g; p -= lr * buf``) makes a pass per
 operator and allocates temporaries; on the CIFAR-type net's 1.1M parameters an SGD-momentum
-step took 1.4 ms that way (3% of a batch-32 training step), and takes 0.6 ms here. Each element
-is read and written once, with the operations of ``cnnd.core.optim`` in the same order and precision (the
-scalars arrive rounded to float32, as there), so the results are the same to the bit. Large
-parameters are split over the threads.
+step took 1.4 ms that way (3% of a batch-32 training step), and takes 0.6 ms here. Each
+element is read and written once, with the operations of ``cnnd.core.reference``'s rules in the
+same order and precision (the scalars arrive rounded to float32, as there), so the results are
+the same to the bit. Large parameters are split over the threads.
 """
 
 from __future__ import annotations
