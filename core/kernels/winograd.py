@@ -1,4 +1,4 @@
-"""3x3 stride-1 convolution, forward only, by Winograd's minimal filtering F(2x2, 3x3).
+"""3x3 stride-1 convolution by Winograd's minimal filtering F(2x2, 3x3).
 
 Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks" (2016). Each 2x2 block of
 outputs is computed from a 4x4 tile d of the padded input and the 3x3 kernel g as
@@ -16,11 +16,11 @@ multiple of 8 (else ``np.dot``): 87 GFLOP/s on one thread for 32 channels, where
 transforms walk tile by tile with the channels innermost, so that each of the 16 planes of V
 and M is written and read sequentially.
 
-Only the forward pass. In training the backward pass (im2col + GEMM) then unrolls the input
-itself instead of reading what an im2col forward would have kept: measured on the CIFAR-type
-net, the Winograd forward saves more than that unrolling costs (3-6% per training step, 11-16%
-for inference). dL/dx is a 3x3 convolution of dY too (padded by 2 - p, kernels flipped and
-transposed), but computed here it was 3-5% slower per step than im2col's GEMM + col2im.
+It serves forward passes, and the input gradient of wide layers: dL/dx is a 3x3 convolution
+of dY too (padded by 2 - p, kernels flipped and transposed, dY masked by the fused ReLU as it
+is padded; see conv.py's ``_winograd_input_grad``). The weight gradient stays on im2col + GEMM,
+which then unrolls the input itself instead of reading what an im2col forward would have kept:
+measured on the CIFAR-type net, the Winograd forward saves more than that unrolling costs.
 
 Results differ from im2col's in the last bits (the transforms reassociate the sums), well
 inside float32 rounding of the same dot products. One difference in kind: an infinity in the
@@ -37,7 +37,7 @@ from numba import njit, prange
 
 from cnnd.core import _runtime  # noqa: F401  (threading layer, cache dir, BLAS threads)
 from cnnd.core.kernels.gemm import gemm
-from cnnd.core.kernels.loops import copy_into
+from cnnd.core.kernels.loops import copy_into, relu_mask_into
 from cnnd.core.kernels.workspace import Workspace
 
 MIN_CHANNELS = 16  # below this the transforms cost more than the GEMMs save
@@ -81,14 +81,18 @@ def _kernel_transform(w, U, SU):
 
 
 @njit(nogil=True, cache=True)
-def _input_transform(x, ph, pw, TH, TW, xp, V, SV, t0):
+def _input_transform(x, xm, masked, ph, pw, TH, TW, xp, V, SV, t0):
     """V[e, t0 + th*TW + tw, c] = (B^T d B)[e // 4, e % 4] for the 4x4 tile d at (2*th, 2*tw)
     of the padded sample, B^T = [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]].
-    xp is the padded sample's scratch, whose border the caller has zeroed."""
+    xp is the padded sample's scratch, whose border the caller has zeroed. With ``masked``, x
+    counts as 0 where xm <= 0."""
     C, H, W = x.shape
     for c in range(C):
         for h in range(H):
-            copy_into(xp[c, h + ph, pw : pw + W], x[c, h])
+            if masked:
+                relu_mask_into(xp[c, h + ph, pw : pw + W], x[c, h], xm[c, h])
+            else:
+                copy_into(xp[c, h + ph, pw : pw + W], x[c, h])
     for th in range(TH):
         r = 2 * th
         for tw in range(TW):
@@ -167,7 +171,7 @@ def _output_transform(M, SM, t0, bias, relu, TW, out):
 
 
 @njit(nogil=True, cache=True)
-def _forward_range(x, U, K, bias, ph, pw, relu, out, lo, hi, nb, xp, V, M, fast):
+def _forward_range(x, xm, masked, U, K, bias, ph, pw, relu, out, lo, hi, nb, xp, V, M, fast):
     C = x.shape[1]
     SU = K * C + PAD
     OH, OW = out.shape[2], out.shape[3]
@@ -180,7 +184,7 @@ def _forward_range(x, U, K, bias, ph, pw, relu, out, lo, hi, nb, xp, V, M, fast)
         T = m * per
         SV, SM = C * T + PAD, K * T + PAD
         for i in range(m):
-            _input_transform(x[n + i], ph, pw, TH, TW, xp, V, SV, i * per)
+            _input_transform(x[n + i], xm[n + i], masked, ph, pw, TH, TW, xp, V, SV, i * per)
         for e in range(16):
             Ve = V[e * SV : e * SV + T * C].reshape(T, C)
             Ue = U[e * SU : e * SU + C * K].reshape(C, K)
@@ -195,16 +199,17 @@ def _forward_range(x, U, K, bias, ph, pw, relu, out, lo, hi, nb, xp, V, M, fast)
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _forward_parallel(x, U, K, bias, ph, pw, relu, out, T, nb, xp, V, M, fast):
+def _forward_parallel(x, xm, masked, U, K, bias, ph, pw, relu, out, T, nb, xp, V, M, fast):
     N = x.shape[0]
     for t in prange(T):
-        _forward_range(x, U, K, bias, ph, pw, relu, out, t * N // T, (t + 1) * N // T, nb,
-                       xp[t], V[t], M[t], fast)  # fmt: skip
+        _forward_range(x, xm, masked, U, K, bias, ph, pw, relu, out, t * N // T,
+                       (t + 1) * N // T, nb, xp[t], V[t], M[t], fast)  # fmt: skip
 
 
 @njit(nogil=True, cache=True)
-def _forward_serial(x, U, K, bias, ph, pw, relu, out, nb, xp, V, M, fast):
-    _forward_range(x, U, K, bias, ph, pw, relu, out, 0, x.shape[0], nb, xp[0], V[0], M[0], fast)
+def _forward_serial(x, xm, masked, U, K, bias, ph, pw, relu, out, nb, xp, V, M, fast):
+    _forward_range(x, xm, masked, U, K, bias, ph, pw, relu, out, 0, x.shape[0], nb, xp[0], V[0],
+                   M[0], fast)  # fmt: skip
 
 
 def conv3x3_forward(
@@ -215,8 +220,11 @@ def conv3x3_forward(
     relu: bool,
     out: np.ndarray,
     ws: Workspace,
+    mask: np.ndarray | None = None,
 ) -> np.ndarray:
-    """out = conv2d(x, w, b) with stride 1 (and ReLU), for w (K, C, 3, 3); x contiguous."""
+    """out = conv2d(x, w, b) with stride 1 (and ReLU), for w (K, C, 3, 3); x contiguous. With
+    ``mask`` (x's shape), x counts as 0 where mask <= 0: dL/dx of a conv + ReLU passes dY and
+    the layer's output (see conv.py), and the masking happens as the input is padded."""
     N, C = x.shape[:2]
     K = w.shape[0]
     ph, pw = padding
@@ -236,8 +244,10 @@ def conv3x3_forward(
     V = ws.get("wino_v", (T, 16 * (C * tiles + PAD)), x.dtype)
     M = ws.get("wino_m", (T, 16 * (K * tiles + PAD)), x.dtype)
     fast = x.dtype == np.float32 and K % 8 == 0  # gemm.fits for every product here
+    masked = mask is not None
+    xm = np.ascontiguousarray(mask) if masked else x
     if T == 1:
-        _forward_serial(x, U, K, b, ph, pw, relu, out, nb, xp, V, M, fast)
+        _forward_serial(x, xm, masked, U, K, b, ph, pw, relu, out, nb, xp, V, M, fast)
     else:
-        _forward_parallel(x, U, K, b, ph, pw, relu, out, T, nb, xp, V, M, fast)
+        _forward_parallel(x, xm, masked, U, K, b, ph, pw, relu, out, T, nb, xp, V, M, fast)
     return out

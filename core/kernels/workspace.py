@@ -16,6 +16,7 @@ class Workspace(threading.local):
     def __init__(self) -> None:
         self.arrays: dict[str, np.ndarray] = {}
         self.kept: object = None  # what the arrays hold for a later call (see conv2d_forward)
+        self.children: dict[str, Workspace] = {}
 
     def get(self, name: str, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
         """An uninitialised array of ``shape`` and ``dtype``, the same one as last time when
@@ -25,8 +26,17 @@ class Workspace(threading.local):
             a = self.arrays[name] = np.empty(shape, dtype=dtype)
         return a
 
+    def child(self, name: str) -> Workspace:
+        """A workspace of its own for a second use of the same kernel (e.g. the Winograd path
+        run for dL/dx beside the forward one), so the two do not resize each other's arrays."""
+        ws = self.children.get(name)
+        if ws is None:
+            ws = self.children[name] = Workspace()
+        return ws
+
     def clear(self) -> None:
         self.arrays.clear()
+        self.children.clear()
         self.kept = None
 
     def __deepcopy__(self, memo: dict[int, object]) -> Workspace:

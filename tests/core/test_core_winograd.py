@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from cnnd.core import kernels
 from cnnd.core import reference as ref
-from cnnd.core.kernels import winograd
+from cnnd.core.kernels import conv, winograd
 from cnnd.core.kernels.workspace import Workspace
 
 # Relative to the largest output: the transforms reassociate the sums of C*9 products.
@@ -116,7 +116,7 @@ def test_winograd_serves_only_what_it_can() -> None:
     assert winograd.applies(16, 16, (3, 3), (1, 1))
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(
     n=st.integers(1, 4),
     c=st.integers(16, 19),
@@ -127,13 +127,16 @@ def test_winograd_serves_only_what_it_can() -> None:
     relu=st.booleans(),
     dtype=st.sampled_from([np.float32, np.float64]),
     seed=st.integers(0, 2**32 - 1),
+    winograd_dx=st.booleans(),
 )
 def test_gradients_after_a_winograd_forward_match_reference(
-    n: int, c: int, k: int, h: int, w: int, padding: Any, relu: bool, dtype: Any, seed: int
-) -> None:
+    n: int, c: int, k: int, h: int, w: int, padding: Any, relu: bool, dtype: Any, seed: int,
+    winograd_dx: bool,
+) -> None:  # fmt: skip
     """After a Winograd forward (which keeps nothing unrolled), the backward pass gives the
     reference's dx (full convolution), dw and db, the fused ReLU's mask taken from the
-    Winograd output."""
+    Winograd output; dx from the GEMM + col2im path, or from the Winograd path (the flipped,
+    transposed kernel over dY masked as it is padded), which wide layers take."""
     ph, pw = (padding, padding) if isinstance(padding, int) else padding
     if h + 2 * ph < 3 or w + 2 * pw < 3:
         return
@@ -142,7 +145,9 @@ def test_gradients_after_a_winograd_forward_match_reference(
     wt = rng.standard_normal((k, c, 3, 3)).astype(dtype)
     y = kernels.conv2d_forward(x, wt, None, 1, (ph, pw), relu=relu)
     dout = rng.standard_normal(y.shape).astype(dtype)
-    dx, dw, db = kernels.conv2d_backward(dout, x, wt, 1, (ph, pw), y=y if relu else None)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(conv, "WINOGRAD_DX_MIN", 16 if winograd_dx else 10**9)
+        dx, dw, db = kernels.conv2d_backward(dout, x, wt, 1, (ph, pw), y=y if relu else None)
     assert dx is not None
     masked = np.where(y > 0, dout, 0) if relu else dout
     rdx, rdw, rdb = ref.conv2d_backward(masked.astype(np.float64), x.astype(np.float64),
@@ -176,3 +181,28 @@ def test_winograd_empty_outputs() -> None:
         1, 16, 0, 3)  # fmt: skip
     assert kernels.conv2d_forward(np.ones((0, 16, 5, 5), np.float32), w, None).shape == (
         0, 16, 3, 3)  # fmt: skip
+
+
+def test_wide_layers_take_the_winograd_input_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 64-channel layer (the CIFAR-type net's last conv) takes the Winograd path for dx at
+    the shipped threshold, and its dx equals the GEMM path's to float32 rounding."""
+    assert conv.WINOGRAD_DX_MIN <= 64
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((3, 64, 8, 8)).astype(np.float32)
+    wt = (rng.standard_normal((64, 64, 3, 3)) / 24).astype(np.float32)
+    y = kernels.conv2d_forward(x, wt, None, 1, 1, relu=True)
+    dout = rng.standard_normal(y.shape).astype(np.float32)
+    calls: list[Any] = []
+    real = winograd.conv3x3_forward
+
+    def spy(*args: Any, **kw: Any) -> np.ndarray:
+        calls.append(kw.get("mask"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(winograd, "conv3x3_forward", spy)
+    dx, _, _ = kernels.conv2d_backward(dout, x, wt, 1, 1, y=y)
+    assert len(calls) == 1 and calls[0] is y  # the Winograd path ran for dx, masked by y
+    monkeypatch.setattr(conv, "WINOGRAD_DX_MIN", 10**9)
+    dx2, _, _ = kernels.conv2d_backward(dout, x, wt, 1, 1, y=y)
+    assert dx is not None and dx2 is not None
+    assert np.abs(dx - dx2).max() / np.abs(dx2).max() < TOL[np.float32] * 4
