@@ -268,8 +268,8 @@ def _forward_range(x, w2t, bias, kh, kw, sh, sw, ph, pw, relu, out, lo, hi, nb, 
         for i in range(m):
             _unroll(x[n + i], kh, kw, sh, sw, ph, pw, OH, OW, Wc, col, i * P)
         # Position-major product Y.T = col.T @ w.T: OpenBLAS runs this shape (many rows, few
-        # columns) 1.3-1.8x faster than w @ col, measured on these layers; gemm.py's kernel,
-        # when K is a multiple of 8, as fast or faster (LeNet's second layer: 4-13% per step).
+        # columns) 1.3-1.8x faster than w @ col, measured on these layers; gemm.py's kernel
+        # faster still for narrow layers (``fast``, see conv2d_forward).
         yt = y_ws[: m * P * K].reshape(m * P, K)
         if fast:
             gemm(col.T, w2t, yt)
@@ -450,7 +450,10 @@ def conv2d_forward(
     keep = keep_col and workspace is not None and N * CKK * P * x.itemsize <= KEEP_BYTES
     cols = ws.get("cols", (N * CKK * P,), x.dtype) if keep else col_ws[0]
     ws.kept = (id(x), x.shape, T, nb) if keep else None
-    fast = x.dtype == np.float32 and K % 8 == 0  # gemm.fits for these products
+    # gemm.py's kernel where it measured faster than OpenBLAS on col.T @ w.T: 8-32 output
+    # channels (LeNet's 6 -> 16 layer 88 vs 48 GFLOP/s, a 3 -> 32 layer 62 vs 54); at 64,
+    # OpenBLAS (77 vs 66-68).
+    fast = x.dtype == np.float32 and K % 8 == 0 and K <= 32
     args = (x, w2t, b, kh, kw, sh, sw, ph, pw, relu, out)
     if T == 1:
         _forward_serial(*args, nb, col_ws, y_ws, cols, keep, Wc, fast)
