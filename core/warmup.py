@@ -13,7 +13,7 @@ import numpy as np
 from cnnd.core import kernels
 from cnnd.core.kernels import activations
 from cnnd.core.model import Sequential
-from cnnd.core.optim import SGD
+from cnnd.core.optim import SGD, Adam
 from cnnd.core.train import fit
 
 _SPEC = {
@@ -61,6 +61,10 @@ def warmup() -> float:
         y_big = fwd(big, mask) if fwd is activations.dropout_forward else fwd(big)
         bwd(big, y_big if bwd is not activations.dropout_backward else mask)
     activations.leaky_relu_backward(big, activations.leaky_relu_forward(big, 0.01), 0.01)
+    # Optimizer updates, serial and parallel, for each rule a job may ask for.
+    for optimizer in (SGD(0.01, momentum=0.9), Adam(1e-3)):
+        params = {"small": big[:10].copy(), "large": big.copy()}
+        optimizer.step(params, {"small": big[:10], "large": big})
     # Large enough for the parallel pooling and fully connected kernels (the small model above
     # takes their serial variants).
     planes = rng.standard_normal((2, 8, 64, 64)).astype(np.float32)

@@ -82,7 +82,10 @@ def _adam_parallel(p, g, m, v, lr_b1, b1, omb1, b2, omb2, sqrt_b2, eps, wd, deca
                     t * n // T, (t + 1) * n // T)  # fmt: skip
 
 
-def _flat(a: np.ndarray) -> np.ndarray:
+def _flat(a: np.ndarray, like: np.ndarray) -> np.ndarray:
+    # The kernels index every array up to the parameter's size: check before they run.
+    if a.shape != like.shape:
+        raise ValueError(f"shape {a.shape} does not match the parameter's {like.shape}")
     if not a.flags.c_contiguous:
         raise ValueError("optimizer state and parameters must be C-contiguous")
     return a.reshape(-1)
@@ -110,7 +113,7 @@ def sgd_step(
 ) -> None:
     """torch.optim.SGD's update, in place on p and the momentum buffer ``buf`` (same shape;
     ignored without momentum). ``first``: the buffer starts as the gradient, as in PyTorch."""
-    pf, gf, bf = _flat(p), np.ascontiguousarray(g, dtype=p.dtype).reshape(-1), _flat(buf)
+    pf, gf, bf = _flat(p, p), _flat(np.ascontiguousarray(g, dtype=p.dtype), p), _flat(buf, p)
     lr_, mom, damp, wd = _scalars(p.dtype, lr, momentum, 1 - dampening, weight_decay)
     T = _threads(pf.shape[0])
     if T == 1:
@@ -134,8 +137,8 @@ def adam_step(
     """torch.optim.Adam's (``decoupled``: AdamW's) update at step ``step`` (from 1), in place
     on p and the moment estimates m and v."""
     b1, b2 = betas
-    pf, gf = _flat(p), np.ascontiguousarray(g, dtype=p.dtype).reshape(-1)
-    mf, vf = _flat(m), _flat(v)
+    pf, gf = _flat(p, p), _flat(np.ascontiguousarray(g, dtype=p.dtype), p)
+    mf, vf = _flat(m, p), _flat(v, p)
     bias1, bias2 = 1 - b1**step, 1 - b2**step
     wd = 0.0 if decoupled else weight_decay
     decay = 1 - lr * weight_decay if decoupled and weight_decay else 1.0

@@ -113,3 +113,20 @@ def test_non_contiguous_parameter_is_refused() -> None:
     p = np.zeros((4, 6), np.float32)[:, ::2]
     with pytest.raises(ValueError, match="contiguous"):
         kopt.sgd_step(p, np.ones_like(p), np.empty_like(p), True, 0.1, 0.9, 0.0, 0.0, False)
+
+
+def test_state_of_another_shape_is_refused_before_the_kernel_runs() -> None:
+    """The loops index every array up to the parameter's size: a momentum buffer or moment
+    of another shape (say, from a checkpoint of another model) must be refused, not read or
+    written past its end."""
+    p = np.zeros(100, np.float32)
+    with pytest.raises(ValueError, match="does not match"):
+        short = np.empty(10, np.float32)
+        kopt.sgd_step(p, np.ones_like(p), short, False, 0.1, 0.9, 0.0, 0.0, False)
+    with pytest.raises(ValueError, match="does not match"):
+        kopt.adam_step(p, np.ones(99, np.float32), np.zeros_like(p), np.zeros_like(p), 1, 0.1,
+                       (0.9, 0.999), 1e-8, 0.0, False)  # fmt: skip
+    opt = SGD(lr=0.1, momentum=0.9)
+    opt.step({"w": np.zeros(10, np.float32)}, {"w": np.ones(10, np.float32)})
+    with pytest.raises(ValueError, match="does not match"):
+        opt.step({"w": np.zeros(100, np.float32)}, {"w": np.ones(100, np.float32)})
