@@ -145,6 +145,11 @@ def gemm(a, b, c, accumulate=False):
     """c (M, N) = a (M, K) @ b (K, N), or c += a @ b; float32, see ``fits``."""
     M, K = a.shape
     N = b.shape[1]
+    # The block kernels take raw addresses: shapes are checked here, not trusted.
+    if b.shape[0] != K or c.shape[0] != M or c.shape[1] != N or N % 8 != 0:
+        raise ValueError("gemm: shapes do not chain, or the width is not a multiple of 8")
+    if (M > 0 and N > 0 and c.strides[1] != 4) or (K > 0 and N > 0 and b.strides[1] != 4):
+        raise ValueError("gemm: b and c need unit stride along their rows")
     a0, b0, c0 = a.ctypes.data, b.ctypes.data, c.ctypes.data
     a_rs, a_ks = a.strides[0] // 4, a.strides[1] // 4
     ldb, ldc = b.strides[0] // 4, c.strides[0] // 4

@@ -96,3 +96,15 @@ def test_fits_refuses_what_the_kernel_cannot_do(
     a: np.ndarray, b: np.ndarray, c: np.ndarray
 ) -> None:
     assert not g.fits(a, b, c)
+
+
+def test_gemm_checks_shapes_before_writing() -> None:
+    """The block kernels write through raw addresses: a product that does not chain, or a
+    width the kernels cannot cover, is an error, not a write past C."""
+    a = np.zeros((4, 3), F32)
+    with pytest.raises(ValueError, match="shapes"):
+        g.gemm(a, np.zeros((5, 8), F32), np.zeros((4, 8), F32))
+    with pytest.raises(ValueError, match="shapes"):
+        g.gemm(a, np.zeros((3, 16), F32), np.zeros((4, 8), F32))
+    with pytest.raises(ValueError, match="shapes"):
+        g.gemm(a, np.zeros((3, 12), F32), np.zeros((4, 12), F32))
