@@ -85,9 +85,11 @@ class SGD(Optimizer):
             buf = s.get("momentum_buffer")
             first = buf is None
             if first:  # PyTorch starts the buffer at the first gradient
-                buf = s["momentum_buffer"] = np.empty_like(p)
+                buf = np.empty_like(p)
         sgd_step(p, g, buf, first, self.lr, self.momentum, self.dampening, self.weight_decay,
                  self.nesterov)  # fmt: skip
+        if first:  # kept only once filled: a step refused (bad gradient) leaves no state
+            s["momentum_buffer"] = buf
 
 
 class Adam(Optimizer):

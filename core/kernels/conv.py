@@ -432,8 +432,13 @@ def conv2d_forward(
     OH, OW = conv_output_size(H, kh, sh, ph), conv_output_size(W, kw, sw, pw)
     if b is None:
         b = np.zeros(K, dtype=x.dtype)
+    if x.shape[1] != C or b.shape != (K,):
+        raise ValueError(f"conv2d_forward: x {x.shape}, weights {w.shape} and bias {b.shape} "
+                         "do not match")  # fmt: skip
     if out is None:
         out = np.empty((N, K, OH, OW), dtype=x.dtype)
+    elif out.shape != (N, K, OH, OW) or out.dtype != x.dtype or not out.flags.c_contiguous:
+        raise ValueError(f"conv2d_forward: out must be a C-contiguous {(N, K, OH, OW)} array")
     if N == 0:
         return out
     ws = workspace or _SCRATCH
@@ -476,8 +481,8 @@ def conv2d_backward(
 
     ``y``, the output of a forward pass with fused ReLU, makes this the backward of conv+ReLU
     (dout is masked where y <= 0). ``need_dx=False`` skips dL/dx, which training never needs
-    for the first layer. For the layers whose forward pass takes Winograd's path, dL/dx takes
-    it too (``_winograd_input_grad``).
+    for the first layer. 3x3 stride-1 layers of ``WINOGRAD_DX_MIN`` or more channels compute
+    dL/dx on Winograd's path (``_winograd_input_grad``).
     """
     sh, sw = _pair(stride)
     ph, pw = _pair(padding)
@@ -487,6 +492,14 @@ def conv2d_backward(
     N = x.shape[0]
     K, C, kh, kw = w.shape
     OH, OW = dout.shape[2], dout.shape[3]
+    # The kernels index by these shapes without bounds checks: refuse what does not chain.
+    expected = (N, K, conv_output_size(x.shape[2], kh, sh, ph),
+                conv_output_size(x.shape[3], kw, sw, pw))  # fmt: skip
+    if x.shape[1] != C or dout.shape != expected:
+        raise ValueError(f"conv2d_backward: dout {dout.shape} and x {x.shape} do not match "
+                         f"weights {w.shape} (expected dout {expected})")  # fmt: skip
+    if y is not None and y.shape != dout.shape:
+        raise ValueError(f"conv2d_backward: y {y.shape} is not the shape of dout {dout.shape}")
     Wc = _grid_width(x.shape[3], OW, sh, sw, pw)
     CKK, P = C * kh * kw, OH * Wc
     dx = np.empty_like(x) if need_dx else np.empty((1, 1, 1, 1), dtype=x.dtype)

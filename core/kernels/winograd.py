@@ -229,6 +229,15 @@ def conv3x3_forward(
     K = w.shape[0]
     ph, pw = padding
     OH, OW = out.shape[2], out.shape[3]
+    # The loops index by these shapes without bounds checks: refuse what does not chain.
+    if w.shape != (K, C, 3, 3) or out.shape != (
+        N,
+        K,
+        x.shape[2] + 2 * ph - 2,
+        x.shape[3] + 2 * pw - 2,
+    ):
+        raise ValueError(f"conv3x3_forward: x {x.shape}, w {w.shape} and out {out.shape} "
+                         f"do not match (padding {padding})")  # fmt: skip
     if N == 0 or OH == 0 or OW == 0:
         return out
     TH, TW = (OH + 1) // 2, (OW + 1) // 2
@@ -245,6 +254,8 @@ def conv3x3_forward(
     M = ws.get("wino_m", (T, 16 * (K * tiles + PAD)), x.dtype)
     fast = x.dtype == np.float32 and K % 8 == 0  # gemm.fits for every product here
     masked = mask is not None
+    if masked and mask.shape != x.shape:
+        raise ValueError(f"conv3x3_forward: mask {mask.shape} is not the shape of x {x.shape}")
     xm = np.ascontiguousarray(mask) if masked else x
     if T == 1:
         _forward_serial(x, xm, masked, U, K, b, ph, pw, relu, out, nb, xp, V, M, fast)

@@ -31,7 +31,7 @@ def _check(got: np.ndarray, want: np.ndarray, k: int) -> None:
 
 @settings(max_examples=60, deadline=None)
 @given(
-    m=st.integers(1, 40),
+    m=st.one_of(st.integers(1, 40), st.integers(90, 200)),  # several 96-row panels too
     k=st.sampled_from([0, 1, 5, 27, 255, 256, 257, 600]),
     n=st.sampled_from([8, 16, 24, 32, 40, 64]),
     transposed=st.booleans(),
@@ -108,3 +108,8 @@ def test_gemm_checks_shapes_before_writing() -> None:
         g.gemm(a, np.zeros((3, 16), F32), np.zeros((4, 8), F32))
     with pytest.raises(ValueError, match="shapes"):
         g.gemm(a, np.zeros((3, 12), F32), np.zeros((4, 12), F32))
+
+    with pytest.raises(ValueError, match="unit stride"):
+        g.gemm(a, np.zeros((3, 8), F32), np.zeros((4, 16), F32)[:, ::2])
+    with pytest.raises(ValueError, match="float32"):
+        g.gemm(np.zeros((4, 3)), np.zeros((3, 8)), np.zeros((4, 8)))

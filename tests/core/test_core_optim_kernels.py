@@ -23,9 +23,10 @@ DTYPES = st.sampled_from([np.float32, np.float64])
 @given(
     shape=SIZES,
     dtype=DTYPES,
-    momentum=st.sampled_from([0.0, 0.5, 0.9]),
+    # 1e-50 rounds to 0 in float32 but still turns its term on, as in the reference.
+    momentum=st.sampled_from([0.0, 0.5, 0.9, 1e-50]),
     dampening=st.sampled_from([0.0, 0.3]),
-    weight_decay=st.sampled_from([0.0, 1e-3]),
+    weight_decay=st.sampled_from([0.0, 1e-3, 1e-50]),
     nesterov=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
@@ -57,7 +58,7 @@ def test_sgd_step_equals_reference(
     dtype=DTYPES,
     betas=st.sampled_from([(0.9, 0.999), (0.8, 0.99)]),
     eps=st.sampled_from([1e-8, 1e-6]),
-    weight_decay=st.sampled_from([0.0, 0.1]),
+    weight_decay=st.sampled_from([0.0, 0.1, 1e-50]),
     decoupled=st.booleans(),
     seed=st.integers(0, 2**32 - 1),
 )
@@ -130,3 +131,17 @@ def test_state_of_another_shape_is_refused_before_the_kernel_runs() -> None:
     opt.step({"w": np.zeros(10, np.float32)}, {"w": np.ones(10, np.float32)})
     with pytest.raises(ValueError, match="does not match"):
         opt.step({"w": np.zeros(100, np.float32)}, {"w": np.ones(100, np.float32)})
+
+
+def test_a_refused_first_step_leaves_no_momentum_buffer() -> None:
+    """A first step refused for a gradient of the wrong shape keeps no (uninitialised) buffer:
+    the next step is still a first step, and matches one taken without the failure."""
+    opt, clean = SGD(lr=0.1, momentum=0.9, dampening=0.5), SGD(lr=0.1, momentum=0.9, dampening=0.5)
+    p, q = np.ones(8, np.float32), np.ones(8, np.float32)
+    with pytest.raises(ValueError):
+        opt.step({"w": p}, {"w": np.ones(9, np.float32)})
+    assert "momentum_buffer" not in opt.state.get("w", {})
+    g = np.full(8, 0.5, np.float32)
+    opt.step({"w": p}, {"w": g})
+    clean.step({"w": q}, {"w": g})
+    np.testing.assert_array_equal(p, q)

@@ -206,3 +206,43 @@ def test_wide_layers_take_the_winograd_input_gradient(monkeypatch: pytest.Monkey
     dx2, _, _ = kernels.conv2d_backward(dout, x, wt, 1, 1, y=y)
     assert dx is not None and dx2 is not None
     assert np.abs(dx - dx2).max() / np.abs(dx2).max() < TOL[np.float32] * 4
+
+
+@pytest.mark.parametrize("padding", [0, 1, 2, (2, 0)])
+@pytest.mark.parametrize("relu", [False, True])
+def test_winograd_input_gradient_over_paddings(
+    monkeypatch: pytest.MonkeyPatch, padding: Any, relu: bool
+) -> None:
+    """dL/dx on the Winograd path (threshold lowered to 16 channels, float32 so that its
+    products run on gemm.py) against the reference's full convolution, every padding the
+    path takes, with and without the fused ReLU's mask."""
+    monkeypatch.setattr(conv, "WINOGRAD_DX_MIN", 16)
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((3, 16, 7, 6)).astype(np.float32)
+    wt = (rng.standard_normal((24, 16, 3, 3)) / 12).astype(np.float32)
+    y = kernels.conv2d_forward(x, wt, None, 1, padding, relu=relu)
+    dout = rng.standard_normal(y.shape).astype(np.float32)
+    dx, _, _ = kernels.conv2d_backward(dout, x, wt, 1, padding, y=y if relu else None)
+    masked = np.where(y > 0, dout, 0) if relu else dout
+    want, _, _ = ref.conv2d_backward(masked.astype(np.float64), x.astype(np.float64),
+                                     wt.astype(np.float64), 1, padding)  # fmt: skip
+    assert dx is not None
+    assert np.abs(dx - want).max() / np.abs(want).max() < 1e-5
+
+
+def test_backward_refuses_shapes_that_do_not_chain() -> None:
+    """The kernels index without bounds checks, so a dout or mask of the wrong shape is an
+    error before anything runs (the Winograd dx path would otherwise write past dx)."""
+    x = np.zeros((2, 64, 6, 6), np.float32)
+    wt = np.zeros((64, 64, 3, 3), np.float32)
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.conv2d_backward(np.zeros((2, 64, 9, 6), np.float32), x, wt, 1, 1)
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.conv2d_backward(np.zeros((3, 64, 6, 6), np.float32), x, wt, 1, 1)
+    with pytest.raises(ValueError, match="shape of dout"):
+        kernels.conv2d_backward(np.zeros((2, 64, 6, 6), np.float32), x, wt, 1, 1,
+                                y=np.zeros((2, 64, 5, 6), np.float32))  # fmt: skip
+    with pytest.raises(ValueError, match="do not match"):
+        kernels.conv2d_forward(np.zeros((2, 63, 6, 6), np.float32), wt, None, 1, 1)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.conv2d_forward(x, wt, None, 1, 1, out=np.zeros((2, 64, 5, 6), np.float32))
