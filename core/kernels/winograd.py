@@ -10,6 +10,11 @@ so that, after transforming the kernels once (U = G g G^T) and every input tile 
 ``M[e] = V[e] (tiles x C) @ U[e] (C x K)`` with 16 multiplies per 4 outputs instead of 36:
 2.25x fewer than im2col + GEMM. The output transform adds the bias and the fused ReLU.
 
+With C and K multiples of 8 (float32), the input and output transforms run 8 channels at a
+time in LLVM IR (``_tile_in8``, ``_tile_out8``, on channels-last copies made by 8x8
+transposes, ``simd.py``): the same sums in the same order, 2.6-3.5x faster than the scalar
+loops alone, and on the CIFAR-type net +60% for inference and +20% for training at batch 32.
+
 The GEMMs are position-major and run on ``gemm.py``'s register-blocked kernel when K is a
 multiple of 8 (else ``np.dot``): 87 GFLOP/s on one thread for 32 channels, where OpenBLAS gave
 47 in the channel-major orientation ``U[e] (K x C) @ V[e] (C x tiles)`` and 70 in this one. The
@@ -33,11 +38,15 @@ from __future__ import annotations
 
 import numba
 import numpy as np
-from numba import njit, prange
+from llvmlite import ir
+from numba import njit, prange, types
+from numba.extending import intrinsic
 
 from cnnd.core import _runtime  # noqa: F401  (threading layer, cache dir, BLAS threads)
+from cnnd.core.kernels import simd
 from cnnd.core.kernels.gemm import gemm
 from cnnd.core.kernels.loops import copy_into, relu_mask_into
+from cnnd.core.kernels.simd import transpose8, transpose8_masked
 from cnnd.core.kernels.workspace import Workspace
 
 MIN_CHANNELS = 16  # below this the transforms cost more than the GEMMs save
@@ -170,8 +179,143 @@ def _output_transform(M, SM, t0, bias, relu, TW, out):
                         out[k, r + 1, q + 1] = y11
 
 
+# The transforms 8 channels at a time, for C and K multiples of 8 (float32): the scalar loops
+# above store to 16 planes per tile, which LLVM will not vectorise, so the tile is done in IR
+# (simd.py) on a channels-last copy of the sample; the results are the same to the bit, and
+# the transforms run 2.6-3.5x faster (32 and 64 channels).
+@intrinsic
+def _tile_in8(typingctx, xh, rs, cs, v, sv):
+    """V[e] (8 channels, at v + e*sv) for the tile whose d[i][j] (8 channels) is at
+    xh + i*rs + j*cs: the same sums, in the same order, as _input_transform."""
+    sig = types.void(types.uintp, types.intp, types.intp, types.uintp, types.intp)
+
+    def codegen(context, builder, signature, args):
+        xh, rs, cs, v, sv = args
+        x, out = simd.pointer(builder, xh), simd.pointer(builder, v)
+        d = [[simd.load8(builder, x, builder.add(simd.times(builder, i, rs),
+                                                 simd.times(builder, j, cs)))
+              for j in range(4)] for i in range(4)]  # fmt: skip
+        sub, add = builder.fsub, builder.fadd
+        rows = (
+            [sub(d[0][j], d[2][j]) for j in range(4)],  # B^T d, row by row ...
+            [add(d[1][j], d[2][j]) for j in range(4)],
+            [sub(d[2][j], d[1][j]) for j in range(4)],
+            [sub(d[1][j], d[3][j]) for j in range(4)],
+        )
+        e = 0
+        for r in rows:  # ... then times B, column by column
+            for value in (sub(r[0], r[2]), add(r[1], r[2]), sub(r[2], r[1]), sub(r[1], r[3])):
+                simd.store8(builder, value, out, simd.times(builder, e, sv))
+                e += 1
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _tile_out8_kernel(relu: bool):
+    @intrinsic
+    def tile_out8(typingctx, m, sm, bias, dst, rs, cs):
+        """The tile's 2x2 outputs for 8 channels (+ bias, ReLU) at dst + i*rs + j*cs, from
+        m[e] at m + e*sm: the same sums, in the same order, as _output_transform."""
+        sig = types.void(types.uintp, types.intp, types.uintp, types.uintp, types.intp,
+                         types.intp)  # fmt: skip
+
+        def codegen(context, builder, signature, args):
+            m, sm, bias, dst, rs, cs = args
+            mp, bp, dp = (simd.pointer(builder, a) for a in (m, bias, dst))
+            mv = [simd.load8(builder, mp, simd.times(builder, e, sm)) for e in range(16)]
+            bk = simd.load8(builder, bp, ir.Constant(simd.I64, 0))
+            add, sub = builder.fadd, builder.fsub
+            s_ = [add(add(mv[j], mv[4 + j]), mv[8 + j]) for j in range(4)]
+            u = [sub(sub(mv[4 + j], mv[8 + j]), mv[12 + j]) for j in range(4)]
+            ys = (
+                add(add(add(s_[0], s_[1]), s_[2]), bk),
+                add(sub(sub(s_[1], s_[2]), s_[3]), bk),
+                add(add(add(u[0], u[1]), u[2]), bk),
+                add(sub(sub(u[1], u[2]), u[3]), bk),
+            )
+            for y, (i, j) in zip(ys, ((0, 0), (0, 1), (1, 0), (1, 1)), strict=True):
+                value = y
+                if relu:  # NaN stays NaN, as in the im2col path
+                    low = builder.fcmp_ordered("<=", y, simd.ZERO)
+                    value = builder.select(low, simd.ZERO, y)
+                off = builder.add(simd.times(builder, i, rs), simd.times(builder, j, cs))
+                simd.store8(builder, value, dp, off)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return tile_out8
+
+
+_tile_out8 = _tile_out8_kernel(relu=False)
+_tile_out8_relu = _tile_out8_kernel(relu=True)
+
+
 @njit(nogil=True, cache=True)
-def _forward_range(x, xm, masked, U, K, bias, ph, pw, relu, out, lo, hi, nb, xp, V, M, fast):
+def _input_transform8(x, xm, masked, ph, pw, TH, TW, xh, V, SV, t0):
+    """_input_transform for C % 8 == 0, through xh (2*TH + 2, 2*TW + 2, C): the padded sample
+    channels-last (border zeroed by the caller), filled by 8x8 transposes."""
+    C, H, W = x.shape
+    W8 = W - W % 8
+    WP = xh.shape[1]
+    xa, ma, ha = x.ctypes.data, xm.ctypes.data, xh.ctypes.data
+    for h in range(H):
+        for c0 in range(0, C, 8):
+            for w0 in range(0, W8, 8):
+                src = ((c0 * H + h) * W + w0) * 4
+                dst = ha + (((h + ph) * WP + pw + w0) * C + c0) * 4
+                if masked:
+                    transpose8_masked(xa + src, H * W, ma + src, dst, C)
+                else:
+                    transpose8(xa + src, H * W, xa + src, dst, C)
+        for w in range(W8, W):
+            for c in range(C):
+                v = x[c, h, w]
+                if masked and not xm[c, h, w] > 0:
+                    v = 0
+                xh[h + ph, pw + w, c] = v
+    va = V.ctypes.data
+    for th in range(TH):
+        for tw in range(TW):
+            corner = ha + (2 * th * WP + 2 * tw) * C * 4
+            t = (t0 + th * TW + tw) * C
+            for c0 in range(0, C, 8):
+                _tile_in8(corner + c0 * 4, WP * C, C, va + (t + c0) * 4, SV)
+
+
+@njit(nogil=True, cache=True)
+def _output_transform8(M, SM, t0, bias, relu, TW, out, oh):
+    """_output_transform for K % 8 == 0, through oh (2*TH, 2*TW, K): the outputs channels-last,
+    then 8x8 transposes into out (K, OH, OW)."""
+    K, OH, OW = out.shape
+    TH = (OH + 1) // 2
+    OWp = oh.shape[1]
+    ma, ba, ha, oa = M.ctypes.data, bias.ctypes.data, oh.ctypes.data, out.ctypes.data
+    for th in range(TH):
+        for tw in range(TW):
+            t = t0 + th * TW + tw
+            dst = ha + (2 * th * OWp + 2 * tw) * K * 4
+            for k0 in range(0, K, 8):
+                src, b = ma + (t * K + k0) * 4, ba + k0 * 4
+                if relu:
+                    _tile_out8_relu(src, SM, b, dst + k0 * 4, OWp * K, K)
+                else:
+                    _tile_out8(src, SM, b, dst + k0 * 4, OWp * K, K)
+    OW8 = OW - OW % 8
+    for r in range(OH):
+        for k0 in range(0, K, 8):
+            for w0 in range(0, OW8, 8):
+                src = ha + ((r * OWp + w0) * K + k0) * 4
+                transpose8(src, K, src, oa + ((k0 * OH + r) * OW + w0) * 4, OH * OW)
+        for w in range(OW8, OW):
+            for k in range(K):
+                out[k, r, w] = oh[r, w, k]
+
+
+@njit(nogil=True, cache=True)
+def _forward_range(x, xm, masked, U, K, bias, ph, pw, relu, out, lo, hi, nb, xp, V, M, oh, fast,
+                   vec):  # fmt: skip
     C = x.shape[1]
     SU = K * C + PAD
     OH, OW = out.shape[2], out.shape[3]
@@ -184,7 +328,10 @@ def _forward_range(x, xm, masked, U, K, bias, ph, pw, relu, out, lo, hi, nb, xp,
         T = m * per
         SV, SM = C * T + PAD, K * T + PAD
         for i in range(m):
-            _input_transform(x[n + i], xm[n + i], masked, ph, pw, TH, TW, xp, V, SV, i * per)
+            if vec:  # xp is channels-last here, see conv3x3_forward
+                _input_transform8(x[n + i], xm[n + i], masked, ph, pw, TH, TW, xp, V, SV, i * per)
+            else:
+                _input_transform(x[n + i], xm[n + i], masked, ph, pw, TH, TW, xp, V, SV, i * per)
         for e in range(16):
             Ve = V[e * SV : e * SV + T * C].reshape(T, C)
             Ue = U[e * SU : e * SU + C * K].reshape(C, K)
@@ -194,22 +341,26 @@ def _forward_range(x, xm, masked, U, K, bias, ph, pw, relu, out, lo, hi, nb, xp,
             else:
                 np.dot(Ve, Ue, Me)
         for i in range(m):
-            _output_transform(M, SM, i * per, bias, relu, TW, out[n + i])
+            if vec:
+                _output_transform8(M, SM, i * per, bias, relu, TW, out[n + i], oh)
+            else:
+                _output_transform(M, SM, i * per, bias, relu, TW, out[n + i])
         n += m
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def _forward_parallel(x, xm, masked, U, K, bias, ph, pw, relu, out, T, nb, xp, V, M, fast):
+def _forward_parallel(x, xm, masked, U, K, bias, ph, pw, relu, out, T, nb, xp, V, M, oh, fast,
+                      vec):  # fmt: skip
     N = x.shape[0]
     for t in prange(T):
         _forward_range(x, xm, masked, U, K, bias, ph, pw, relu, out, t * N // T,
-                       (t + 1) * N // T, nb, xp[t], V[t], M[t], fast)  # fmt: skip
+                       (t + 1) * N // T, nb, xp[t], V[t], M[t], oh[t], fast, vec)  # fmt: skip
 
 
 @njit(nogil=True, cache=True)
-def _forward_serial(x, xm, masked, U, K, bias, ph, pw, relu, out, nb, xp, V, M, fast):
+def _forward_serial(x, xm, masked, U, K, bias, ph, pw, relu, out, nb, xp, V, M, oh, fast, vec):
     _forward_range(x, xm, masked, U, K, bias, ph, pw, relu, out, 0, x.shape[0], nb, xp[0], V[0],
-                   M[0], fast)  # fmt: skip
+                   M[0], oh[0], fast, vec)  # fmt: skip
 
 
 def conv3x3_forward(
@@ -249,16 +400,24 @@ def conv3x3_forward(
     _kernel_transform(w, U, K * C + PAD)
     # The padded sample: tiles read up to row 2*TH + 1 and column 2*TW + 1, which is at least
     # H + 2*ph - 1 (OH = H + 2*ph - 2).
-    xp = ws.get("wino_xp", (T, C, 2 * TH + 2, 2 * TW + 2), x.dtype)
+    fast = x.dtype == np.float32 and K % 8 == 0  # gemm.fits for every product here
+    vec = fast and C % 8 == 0 and out.flags.c_contiguous  # the 8-channel transforms
+    if vec:  # channels-last padded sample, and the outputs before their transpose
+        xp = ws.get("wino_xh", (T, 2 * TH + 2, 2 * TW + 2, C), x.dtype)
+        oh = ws.get("wino_oh", (T, 2 * TH, 2 * TW, K), x.dtype)
+    else:
+        xp = ws.get("wino_xp", (T, C, 2 * TH + 2, 2 * TW + 2), x.dtype)
+        oh = ws.get("wino_oh", (T, 1, 1, 1), x.dtype)
+    b = np.ascontiguousarray(b, dtype=x.dtype)
     V = ws.get("wino_v", (T, 16 * (C * tiles + PAD)), x.dtype)
     M = ws.get("wino_m", (T, 16 * (K * tiles + PAD)), x.dtype)
-    fast = x.dtype == np.float32 and K % 8 == 0  # gemm.fits for every product here
     masked = mask is not None
     if masked and mask.shape != x.shape:
         raise ValueError(f"conv3x3_forward: mask {mask.shape} is not the shape of x {x.shape}")
     xm = np.ascontiguousarray(mask) if masked else x
+    args = (x, xm, masked, U, K, b, ph, pw, relu, out)
     if T == 1:
-        _forward_serial(x, xm, masked, U, K, b, ph, pw, relu, out, nb, xp, V, M, fast)
+        _forward_serial(*args, nb, xp, V, M, oh, fast, vec)
     else:
-        _forward_parallel(x, xm, masked, U, K, b, ph, pw, relu, out, T, nb, xp, V, M, fast)
+        _forward_parallel(*args, T, nb, xp, V, M, oh, fast, vec)
     return out
