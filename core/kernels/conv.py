@@ -458,7 +458,7 @@ def conv2d_forward(
     # gemm.py's kernel where it measured faster than OpenBLAS on col.T @ w.T: 8-32 output
     # channels (LeNet's 6 -> 16 layer 88 vs 48 GFLOP/s, a 3 -> 32 layer 62 vs 54); at 64,
     # OpenBLAS (77 vs 66-68).
-    fast = x.dtype == np.float32 and K % 8 == 0 and K <= 32
+    fast = x.dtype == np.float32 and K % 8 == 0 and K <= 32  # and what gemm.py needs
     args = (x, w2t, b, kh, kw, sh, sw, ph, pw, relu, out)
     if T == 1:
         _forward_serial(*args, nb, col_ws, y_ws, cols, keep, Wc, fast)
@@ -510,10 +510,11 @@ def conv2d_backward(
     # dL/dx on Winograd's path when the layer is wide enough (see _winograd_input_grad).
     wino_dx = need_dx and winograd.applies(K, C, (kh, kw), (sh, sw))
     wino_dx = wino_dx and min(C, K) >= WINOGRAD_DX_MIN and ph <= kh - 1 and pw <= kw - 1
+    gemm_dx = need_dx and not wino_dx
     T, nb = _plan(N, CKK, P)
     col_ws = ws.get("col", (T, CKK * nb * P), x.dtype)
     dy_ws = ws.get("dy", (T, K * nb * P), x.dtype)
-    dcol_ws = ws.get("dcol", (T, CKK * nb * P if need_dx and not wino_dx else 1), x.dtype)
+    dcol_ws = ws.get("dcol", (T, CKK * nb * P if gemm_dx else 1), x.dtype)
     dw_acc = ws.get("dw", (T, CKK, K), x.dtype)  # transposed: dW.T per thread
     dw_tmp = ws.get("dw_tmp", (T, CKK, K), x.dtype)
     db_acc = ws.get("db", (T, K), np.float64)
@@ -522,7 +523,7 @@ def conv2d_backward(
     w2 = w.reshape(K, CKK)
     kept = workspace is not None and getattr(ws, "kept", None) == (id(x), x.shape, T, nb)
     cols = ws.arrays["cols"] if kept else col_ws[0]
-    args = (x, w2, dout, ymask, relu, kh, kw, sh, sw, ph, pw, need_dx and not wino_dx, dx)
+    args = (x, w2, dout, ymask, relu, kh, kw, sh, sw, ph, pw, gemm_dx, dx)
     bufs = (col_ws, dy_ws, dcol_ws, dw_acc, db_acc, dw_tmp, cols, kept, Wc)
     if T == 1:
         _backward_serial(*args, nb, *bufs)

@@ -15,8 +15,8 @@ each A value and ``llvm.fma.v8f32``. Everything around it (panels, edges, the ch
 is ordinary Numba.
 
 A may be any strided view (im2col's ``col.T``, a transposed weight matrix); B and C must have
-unit stride along their rows, and N must be a multiple of 8 (``fits``; ``gemm`` checks shapes,
-strides and the float32 type itself before any address is used). The callers choose it where
+unit stride along their rows, and N must be a multiple of 8 (``gemm`` checks shapes, strides
+and the float32 type before any address is used). The callers choose it where
 it measured faster and fall back to ``np.dot`` otherwise (float64, odd widths, the im2col
 forward of 64-channel layers, where OpenBLAS ran 77 GFLOP/s against 66-68 here). On
 Winograd's products, (tiles x C) @ (C x K), it ran 87-88 GFLOP/s for 32 and 64 channels
@@ -27,11 +27,12 @@ results are deterministic; they differ from BLAS's in the last bits.
 
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from cnnd.core.kernels import simd
 
 MR = 6  # rows of C per register block
 KC = 256  # inner-dimension chunk: a 256 x 16 panel of B (16 KiB) stays in L1
@@ -48,15 +49,13 @@ def _block_kernel(rows: int, vecs: int):
 
         def codegen(context, builder, signature, args):
             a_addr, a_rs, a_ks, b_addr, ldb, c_addr, ldc, kd, accumulate = args
-            f32, i32, i64 = ir.FloatType(), ir.IntType(32), ir.IntType(64)
-            vec = ir.VectorType(f32, 8)
+            i32, i64, vec, zero = simd.I32, simd.I64, simd.VEC, simd.ZERO
             fma = cgutils.get_or_insert_function(
                 builder.module, ir.FunctionType(vec, [vec, vec, vec]), "llvm.fma.v8f32"
             )
-            a_ptr = builder.inttoptr(a_addr, f32.as_pointer())
-            b_ptr = builder.inttoptr(b_addr, f32.as_pointer())
-            c_ptr = builder.inttoptr(c_addr, f32.as_pointer())
-            zero = ir.Constant(vec, [0.0] * 8)
+            a_ptr = simd.pointer(builder, a_addr)
+            b_ptr = simd.pointer(builder, b_addr)
+            c_ptr = simd.pointer(builder, c_addr)
             undef = ir.Constant(vec, ir.Undefined)
             splat_mask = ir.Constant(ir.VectorType(i32, 8), [0] * 8)
 
@@ -74,13 +73,7 @@ def _block_kernel(rows: int, vecs: int):
                 for phi in row:
                     phi.add_incoming(zero, entry)
             b_row = builder.gep(b_ptr, [builder.mul(k, ldb)])
-            b_vecs = []
-            for v in range(vecs):
-                ptr = builder.bitcast(builder.gep(b_row, [ir.Constant(i64, 8 * v)]),
-                                      vec.as_pointer())  # fmt: skip
-                load = builder.load(ptr)
-                load.align = 4
-                b_vecs.append(load)
+            b_vecs = [simd.load8(builder, b_row, ir.Constant(i64, 8 * v)) for v in range(vecs)]
             a_k = builder.mul(k, a_ks)
             new = []
             for r in range(rows):
@@ -110,16 +103,13 @@ def _block_kernel(rows: int, vecs: int):
             for r in range(rows):
                 c_row = builder.gep(c_ptr, [builder.mul(ir.Constant(i64, r), ldc)])
                 for v in range(vecs):
-                    total = totals[r][v]
-                    ptr = builder.bitcast(builder.gep(c_row, [ir.Constant(i64, 8 * v)]),
-                                          vec.as_pointer())  # fmt: skip
+                    total, off = totals[r][v], ir.Constant(i64, 8 * v)
                     with builder.if_else(accumulate) as (then, otherwise):
                         with then:
-                            old = builder.load(ptr)
-                            old.align = 4
-                            builder.store(builder.fadd(old, total), ptr).align = 4
+                            old = simd.load8(builder, c_row, off)
+                            simd.store8(builder, builder.fadd(old, total), c_row, off)
                         with otherwise:
-                            builder.store(total, ptr).align = 4
+                            simd.store8(builder, total, c_row, off)
             return context.get_dummy_value()
 
         return sig, codegen
@@ -133,20 +123,10 @@ _k6x8 = _block_kernel(MR, 1)
 _k1x8 = _block_kernel(1, 1)
 
 
-def fits(a: np.ndarray, b: np.ndarray, c: np.ndarray) -> bool:
-    """Whether ``gemm`` serves c = a @ b: float32 throughout, unit stride along the rows of b
-    and c, and a width that is a multiple of 8."""
-    return (
-        a.dtype == b.dtype == c.dtype == np.float32
-        and (b.strides[1] == 4 or b.size == 0)  # NumPy gives empty arrays zero strides
-        and (c.strides[1] == 4 or c.size == 0)
-        and c.shape[1] % 8 == 0
-    )
-
-
 @njit(nogil=True, cache=True)
 def gemm(a, b, c, accumulate=False):
-    """c (M, N) = a (M, K) @ b (K, N), or c += a @ b; float32, see ``fits``."""
+    """c (M, N) = a (M, K) @ b (K, N), or c += a @ b: float32, b and c with unit stride along
+    their rows, N a multiple of 8 (checked: ValueError otherwise)."""
     M, K = a.shape
     N = b.shape[1]
     # The block kernels take raw addresses: shapes are checked here, not trusted.

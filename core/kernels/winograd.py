@@ -400,7 +400,7 @@ def conv3x3_forward(
     _kernel_transform(w, U, K * C + PAD)
     # The padded sample: tiles read up to row 2*TH + 1 and column 2*TW + 1, which is at least
     # H + 2*ph - 1 (OH = H + 2*ph - 2).
-    fast = x.dtype == np.float32 and K % 8 == 0  # gemm.fits for every product here
+    fast = x.dtype == np.float32 and K % 8 == 0  # what gemm.py needs of every product here
     vec = fast and C % 8 == 0 and out.flags.c_contiguous  # the 8-channel transforms
     if vec:  # channels-last padded sample, and the outputs before their transpose
         xp = ws.get("wino_xh", (T, 2 * TH + 2, 2 * TW + 2, C), x.dtype)
