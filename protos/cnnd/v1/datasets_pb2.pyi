@@ -1,12 +1,9 @@
-import datetime
-
 from cnnd.v1 import tensor_pb2 as _tensor_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -30,7 +27,7 @@ class Dataset(_message.Message):
     size_bytes: int
     sha256: str
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., sample_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., num_classes: _Optional[int] = ..., sample_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., sample_shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., num_classes: _Optional[int] = ..., sample_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class DatasetHeader(_message.Message):
     __slots__ = ("name", "sample_shape", "dtype", "num_classes", "sample_count", "sha256")

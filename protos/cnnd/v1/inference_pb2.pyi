@@ -4,8 +4,7 @@ from google.rpc import status_pb2 as _status_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -63,7 +62,7 @@ class InspectRequest(_message.Message):
     include_weights: bool
     input: _tensor_pb2.Tensor
     target_class: int
-    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., include_weights: _Optional[bool] = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., target_class: _Optional[int] = ...) -> None: ...
+    def __init__(self, model_id: _Optional[str] = ..., version: _Optional[int] = ..., include_weights: bool = ..., input: _Optional[_Union[_tensor_pb2.Tensor, _Mapping]] = ..., target_class: _Optional[int] = ...) -> None: ...
 
 class LayerSummary(_message.Message):
     __slots__ = ("index", "type", "output_shape", "parameters", "macs", "receptive_field", "jump")

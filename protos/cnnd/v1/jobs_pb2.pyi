@@ -1,13 +1,10 @@
-import datetime
-
 from cnnd.v1 import models_pb2 as _models_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -36,7 +33,7 @@ class Sgd(_message.Message):
     momentum: float
     weight_decay: float
     nesterov: bool
-    def __init__(self, lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., nesterov: _Optional[bool] = ...) -> None: ...
+    def __init__(self, lr: _Optional[float] = ..., momentum: _Optional[float] = ..., weight_decay: _Optional[float] = ..., nesterov: bool = ...) -> None: ...
 
 class Adam(_message.Message):
     __slots__ = ("lr", "beta1", "beta2", "eps", "weight_decay")
@@ -180,7 +177,7 @@ class Job(_message.Message):
     end_time: _timestamp_pb2.Timestamp
     attempts: int
     queue_position: int
-    def __init__(self, id: _Optional[str] = ..., model_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., request: _Optional[_Union[TrainRequest, _Mapping]] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., history: _Optional[_Iterable[_Union[_models_pb2.EpochMetrics, _Mapping]]] = ..., failure_reason: _Optional[str] = ..., result_version: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., queue_position: _Optional[int] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., model_id: _Optional[str] = ..., dataset_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., request: _Optional[_Union[TrainRequest, _Mapping]] = ..., progress: _Optional[_Union[JobProgress, _Mapping]] = ..., history: _Optional[_Iterable[_Union[_models_pb2.EpochMetrics, _Mapping]]] = ..., failure_reason: _Optional[str] = ..., result_version: _Optional[int] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., queue_position: _Optional[int] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -254,4 +251,4 @@ class WatchJobResponse(_message.Message):
     job: Job
     epoch: _models_pb2.EpochMetrics
     time: _timestamp_pb2.Timestamp
-    def __init__(self, kind: _Optional[_Union[WatchJobResponse.Kind, str]] = ..., job: _Optional[_Union[Job, _Mapping]] = ..., epoch: _Optional[_Union[_models_pb2.EpochMetrics, _Mapping]] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    def __init__(self, kind: _Optional[_Union[WatchJobResponse.Kind, str]] = ..., job: _Optional[_Union[Job, _Mapping]] = ..., epoch: _Optional[_Union[_models_pb2.EpochMetrics, _Mapping]] = ..., time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...

@@ -1,12 +1,9 @@
-import datetime
-
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -24,7 +21,7 @@ class Conv2d(_message.Message):
     padding: _containers.RepeatedScalarFieldContainer[int]
     bias: bool
     in_channels: int
-    def __init__(self, out_channels: _Optional[int] = ..., kernel_size: _Optional[_Iterable[int]] = ..., stride: _Optional[_Iterable[int]] = ..., padding: _Optional[_Iterable[int]] = ..., bias: _Optional[bool] = ..., in_channels: _Optional[int] = ...) -> None: ...
+    def __init__(self, out_channels: _Optional[int] = ..., kernel_size: _Optional[_Iterable[int]] = ..., stride: _Optional[_Iterable[int]] = ..., padding: _Optional[_Iterable[int]] = ..., bias: bool = ..., in_channels: _Optional[int] = ...) -> None: ...
 
 class MaxPool2d(_message.Message):
     __slots__ = ("kernel_size", "stride", "padding")
@@ -54,7 +51,7 @@ class Linear(_message.Message):
     out_features: int
     bias: bool
     in_features: int
-    def __init__(self, out_features: _Optional[int] = ..., bias: _Optional[bool] = ..., in_features: _Optional[int] = ...) -> None: ...
+    def __init__(self, out_features: _Optional[int] = ..., bias: bool = ..., in_features: _Optional[int] = ...) -> None: ...
 
 class ReLU(_message.Message):
     __slots__ = ()
@@ -94,7 +91,7 @@ class BatchNorm2d(_message.Message):
     momentum: float
     affine: bool
     num_features: int
-    def __init__(self, eps: _Optional[float] = ..., momentum: _Optional[float] = ..., affine: _Optional[bool] = ..., num_features: _Optional[int] = ...) -> None: ...
+    def __init__(self, eps: _Optional[float] = ..., momentum: _Optional[float] = ..., affine: bool = ..., num_features: _Optional[int] = ...) -> None: ...
 
 class Layer(_message.Message):
     __slots__ = ("conv2d", "maxpool2d", "avgpool2d", "linear", "relu", "leaky_relu", "tanh", "sigmoid", "flatten", "dropout", "batchnorm2d")
@@ -160,7 +157,7 @@ class ModelVersion(_message.Message):
     job_id: str
     history: _containers.RepeatedCompositeFieldContainer[EpochMetrics]
     source: str
-    def __init__(self, version: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., job_id: _Optional[str] = ..., history: _Optional[_Iterable[_Union[EpochMetrics, _Mapping]]] = ..., source: _Optional[str] = ...) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., job_id: _Optional[str] = ..., history: _Optional[_Iterable[_Union[EpochMetrics, _Mapping]]] = ..., source: _Optional[str] = ...) -> None: ...
 
 class BatchingPolicy(_message.Message):
     __slots__ = ("max_batch_size", "max_queue_delay_us", "disabled")
@@ -170,7 +167,7 @@ class BatchingPolicy(_message.Message):
     max_batch_size: int
     max_queue_delay_us: int
     disabled: bool
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., disabled: _Optional[bool] = ...) -> None: ...
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., disabled: bool = ...) -> None: ...
 
 class Model(_message.Message):
     __slots__ = ("id", "name", "spec", "parameter_count", "versions", "latest_version", "seed", "create_time", "output_shape", "macs", "batching")
@@ -196,7 +193,7 @@ class Model(_message.Message):
     output_shape: _containers.RepeatedScalarFieldContainer[int]
     macs: int
     batching: BatchingPolicy
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., parameter_count: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., latest_version: _Optional[int] = ..., seed: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., output_shape: _Optional[_Iterable[int]] = ..., macs: _Optional[int] = ..., batching: _Optional[_Union[BatchingPolicy, _Mapping]] = ...) -> None: ...
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., parameter_count: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., latest_version: _Optional[int] = ..., seed: _Optional[int] = ..., create_time: _Optional[_Union[_timestamp_pb2.Timestamp, _Mapping]] = ..., output_shape: _Optional[_Iterable[int]] = ..., macs: _Optional[int] = ..., batching: _Optional[_Union[BatchingPolicy, _Mapping]] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
     __slots__ = ("name", "spec", "seed", "batching")

@@ -8,7 +8,7 @@ from cnnd.v1 import inference_pb2 as cnnd_dot_v1_dot_inference__pb2
 from cnnd.v1 import jobs_pb2 as cnnd_dot_v1_dot_jobs__pb2
 from cnnd.v1 import models_pb2 as cnnd_dot_v1_dot_models__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.66.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -21,14 +21,14 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in cnnd/v1/service_pb2_grpc.py depends on'
+        + f' but the generated code in cnnd/v1/service_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
     )
 
 
-class CnndServiceStub:
+class CnndServiceStub(object):
     """Train and serve small convolutional networks.
 
     Errors are gRPC statuses: INVALID_ARGUMENT (with google.rpc.BadRequest details naming the
@@ -139,7 +139,7 @@ class CnndServiceStub:
                 _registered_method=True)
 
 
-class CnndServiceServicer:
+class CnndServiceServicer(object):
     """Train and serve small convolutional networks.
 
     Errors are gRPC statuses: INVALID_ARGUMENT (with google.rpc.BadRequest details naming the
@@ -369,7 +369,7 @@ def add_CnndServiceServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class CnndService:
+class CnndService(object):
     """Train and serve small convolutional networks.
 
     Errors are gRPC statuses: INVALID_ARGUMENT (with google.rpc.BadRequest details naming the
